@@ -1,0 +1,202 @@
+"""The two attention paths: a fast one (never builds an L x L tensor) and an explicit one that shows its work.
+
+Layout everywhere: q, k, v are ``(B, L, nh, hd)`` with the sequence ordered
+``[image tokens (img_len) | text tokens (L - img_len)]``; text is padded on the right to a fixed length.
+
+**Segments.** What differs from a vanilla DiT is how padding is handled. The official model calls
+flash-attn's *varlen* kernel with ``cu_seqlens = [0, n_0, L, L + n_1, 2L, ...]`` where ``n_b = img_len +
+txt_lens[b]``. So in sample b:
+
+- the ``n_b`` real tokens (all image tokens and the first ``txt_lens[b]`` text tokens) attend only to each
+  other, and
+- the padded text tokens form a segment of their own and attend only among themselves. Their outputs are
+  junk, but no real token ever reads them, so padding never changes the video.
+
+``attention`` reproduces this with plain SDPA calls on contiguous slices (samples with the same ``n_b`` share
+one call), or with ``flash_attn_varlen_func`` when available. ``attention_explicit`` builds the same segment
+mask and returns the probabilities, for teaching and capture at small sizes. A test keeps them equal.
+
+**Token refiner rule.** The text refiner uses a different mask: ``valid_i AND valid_j``, with key 0 always
+visible. A padded query therefore sees key 0 only, and its output is exactly ``v[0]``.
+"""
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+import torch.nn.functional as F
+
+_BACKENDS = ("auto", "sdpa", "flash")
+_backend = "auto"
+
+
+def set_attention_backend(name: str) -> None:
+    """Choose the fast path's kernel: "sdpa" (torch), "flash" (flash-attn varlen) or "auto" (flash when usable)."""
+    global _backend
+    if name not in _BACKENDS:
+        raise ValueError(f"attention backend must be one of {_BACKENDS}, got {name!r}")
+    if name == "flash" and not _flash_installed():
+        raise ValueError("attention backend 'flash' needs the flash_attn package (pip install flash-attn)")
+    _backend = name
+
+
+def get_attention_backend() -> str:
+    return _backend
+
+
+def _flash_installed() -> bool:
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+def _use_flash(q: torch.Tensor) -> bool:
+    usable = q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+    if _backend == "flash":
+        if not usable:
+            raise ValueError(f"the flash backend needs CUDA fp16/bf16 tensors, got {q.dtype} on {q.device}")
+        return True
+    return _backend == "auto" and usable and _flash_installed()
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, img_len: int, txt_lens: torch.Tensor | None) -> None:
+    if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
+        raise ValueError(
+            f"q, k, v must all be (B, L, nh, hd) with the same shape, got {tuple(q.shape)}, "
+            f"{tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    B, L = q.shape[:2]
+    if not 0 <= img_len <= L:
+        raise ValueError(f"img_len must lie in [0, L = {L}], got {img_len}")
+    if txt_lens is not None:
+        if txt_lens.shape != (B,):
+            raise ValueError(f"txt_lens must be (B,) = ({B},), got shape {tuple(txt_lens.shape)}")
+        if (txt_lens < 0).any() or (txt_lens > L - img_len).any():
+            raise ValueError(f"txt_lens must lie in [0, L - img_len = {L - img_len}], got {txt_lens.tolist()}")
+
+
+def valid_lengths(B: int, L: int, img_len: int, txt_lens: torch.Tensor | None) -> list[int]:
+    """n_b = img_len + txt_lens[b]: the number of real tokens of each sample (a Python list; syncs once on GPU)."""
+    if txt_lens is None:
+        return [L] * B
+    return [img_len + int(n) for n in txt_lens.tolist()]
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    # SDPA wants (B, nh, L, hd); no mask, so torch may pick its flash / cuDNN / efficient kernel.
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    return out.transpose(1, 2)  # (B, L, nh, hd)
+
+
+def _flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+    from flash_attn import flash_attn_varlen_func
+
+    B, L, nh, hd = q.shape
+    bounds = [0]
+    for b, n in enumerate(lengths):  # [0, n_0, L, L + n_1, 2L, ...]: real segment, then padding segment
+        bounds += [b * L + n, (b + 1) * L]
+    cu = torch.tensor(bounds, dtype=torch.int32, device=q.device)
+    out = flash_attn_varlen_func(
+        q.reshape(B * L, nh, hd), k.reshape(B * L, nh, hd), v.reshape(B * L, nh, hd), cu, cu, L, L
+    )
+    return out.reshape(B, L, nh, hd)
+
+
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, img_len: int, txt_lens: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Segment attention without masks: real tokens among themselves, padding among itself. Returns (B, L, nh, hd)."""
+    _check(q, k, v, img_len, txt_lens)
+    B, L = q.shape[:2]
+    lengths = valid_lengths(B, L, img_len, txt_lens)
+    if _use_flash(q):
+        return _flash_varlen(q, k, v, lengths)
+    if all(n == L for n in lengths):
+        return _sdpa(q, k, v)
+    out = torch.empty_like(q)
+    groups: dict[int, list[int]] = {}
+    for b, n in enumerate(lengths):
+        groups.setdefault(n, []).append(b)
+    for n, members in groups.items():
+        rows = slice(None) if len(members) == B else torch.tensor(members, device=q.device)
+        qb, kb, vb = q[rows], k[rows], v[rows]
+        out[rows, :n] = _sdpa(qb[:, :n], kb[:, :n], vb[:, :n])  # real tokens
+        if n < L:
+            out[rows, n:] = _sdpa(qb[:, n:], kb[:, n:], vb[:, n:])  # the padding segment
+    return out
+
+
+def segment_mask(B: int, L: int, img_len: int, txt_lens: torch.Tensor | None, device=None) -> torch.Tensor:
+    """(B, 1, L, L) bool, True where query i may attend to key j: both real, or both padding, of one sample."""
+    lengths = torch.tensor(valid_lengths(B, L, img_len, txt_lens), device=device)
+    is_pad = torch.arange(L, device=device)[None, :] >= lengths[:, None]  # (B, L)
+    return (is_pad[:, :, None] == is_pad[:, None, :]).unsqueeze(1)
+
+
+def _explicit(q, k, v, mask: torch.Tensor | None, return_probs: bool):
+    scale = q.shape[-1] ** -0.5
+    scores = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) * scale  # (B, nh, L, L)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    probs = scores.softmax(dim=-1)
+    out = torch.einsum("bhqk,bkhd->bqhd", probs, v.float()).to(q.dtype)  # (B, L, nh, hd)
+    return out, (probs if return_probs else None)
+
+
+def attention_explicit(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    img_len: int,
+    txt_lens: torch.Tensor | None = None,
+    return_probs: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The same segment attention as ``attention``, written out: scores, mask, fp32 softmax.
+
+    Returns ``(out (B, L, nh, hd), probs (B, nh, L, L) or None)``. Memory grows as L^2: small sizes only.
+    """
+    _check(q, k, v, img_len, txt_lens)
+    B, L = q.shape[:2]
+    mask = None if txt_lens is None else segment_mask(B, L, img_len, txt_lens, q.device)
+    return _explicit(q, k, v, mask, return_probs)
+
+
+# --- the token refiner's rule -----------------------------------------------------------------------------
+
+def refiner_mask(mask: torch.Tensor) -> torch.Tensor:
+    """(B, L) valid flags -> (B, 1, L, L) bool: valid_i AND valid_j, and key 0 always visible."""
+    valid = mask.bool()
+    full = valid[:, :, None] & valid[:, None, :]
+    full[:, :, 0] = True  # no query row is ever fully masked (softmax of all -inf would be NaN)
+    return full.unsqueeze(1)
+
+
+def refiner_attention_explicit(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, return_probs: bool = True
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Refiner self-attention with the mask built out; q, k, v (B, L, nh, hd), mask (B, L) or None (all valid)."""
+    return _explicit(q, k, v, None if mask is None else refiner_mask(mask), return_probs)
+
+
+def refiner_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Refiner self-attention without an L x L mask when ``mask`` is a prefix of ones per row.
+
+    Valid rows attend to the first n tokens (SDPA on the slice); padded rows see key 0 only, so their
+    output is ``v[:, 0]``. A non-prefix mask falls back to SDPA with the explicit boolean mask.
+    """
+    if mask is None:
+        return _sdpa(q, k, v)
+    B, L = mask.shape
+    valid = mask.bool()
+    lengths = valid.sum(1)
+    if not torch.equal(valid, torch.arange(L, device=mask.device)[None, :] < lengths[:, None]):
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=refiner_mask(mask)
+        )
+        return out.transpose(1, 2)
+    out = v[:, :1].expand_as(v).clone()  # padded rows: v at key 0
+    for n in sorted(set(lengths.tolist())):
+        if n == 0:
+            continue
+        rows = torch.nonzero(lengths == n).squeeze(1)
+        out[rows, :n] = _sdpa(q[rows, :n], k[rows, :n], v[rows, :n])
+    return out

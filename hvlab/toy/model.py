@@ -1,0 +1,114 @@
+"""hvlab's toy HunyuanVideo: the release architecture at laptop size, and its one-line loader.
+
+Same classes and code path as the 13B release (token refiner, double and single blocks, 3D RoPE,
+flow matching, causal 3D VAE with 8x spatial / 4x temporal compression, LLM + CLIP text encoders,
+the video prompt template); only the sizes differ. Frames are 128 x 128 x 17 -> latents
+16 x 5 x 16 x 16 -> 5 x 8 x 8 = 320 video tokens after the 1x2x2 patch.
+
+The text encoders are a 4-layer Llama and a 2-layer CLIP text model over a word-level vocabulary,
+kept at a fixed random initialisation: the DiT learns to read them (the token refiner is trained).
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from ..model import HYVideoConfig, HYVideoDiffusionTransformer
+from ..vae import AutoencoderKLCausal3D, VAEConfig
+
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+
+TOY_FRAMES, TOY_SIZE = 17, 128
+
+# The DiT: release layout, 1/16 the width, 2 + 4 blocks instead of 20 + 40.
+TOY_DIT_CONFIG = HYVideoConfig(
+    in_channels=16,
+    out_channels=16,
+    patch_size=(1, 2, 2),
+    hidden_size=192,  # release 3072
+    heads_num=3,  # head_dim 64 (release 24 x 128)
+    mlp_width_ratio=4.0,
+    mm_double_blocks_depth=2,  # release 20
+    mm_single_blocks_depth=4,  # release 40
+    rope_dim_list=(16, 24, 24),  # sums to head_dim; t gets the same 16 dims as the release
+    rope_theta=256.0,
+    qkv_bias=True,
+    text_states_dim=128,  # the toy LLM's width (release 4096)
+    text_states_dim_2=64,  # the toy CLIP's width (release 768)
+    guidance_embed=False,  # the toy is not guidance-distilled: it uses true CFG
+    refiner_depth=1,  # release 2
+)
+
+# The VAE: 8x spatial and 4x temporal compression into 16 channels, as the release; narrower blocks.
+TOY_VAE_CONFIG = VAEConfig(
+    block_out_channels=(32, 64, 128, 128),  # release (128, 256, 512, 512)
+    layers_per_block=1,  # release 2
+    norm_num_groups=8,  # release 32
+    latent_channels=16,
+    scaling_factor=1.0,  # replaced by 1 / std of the trained VAE's latents, stored in config.json
+)
+
+# Text encoders (fixed random initialisation).
+TOY_LLM = dict(hidden=128, layers=4, heads=4, seed=1234, max_length=32)  # skip 2 -> layer-2 states
+TOY_CLIP = dict(hidden=64, layers=2, seed=4321, max_length=77)
+
+# Generation defaults that the toy was evaluated with (the model card lists the evaluation).
+TOY_DEFAULTS = dict(height=TOY_SIZE, width=TOY_SIZE, video_length=TOY_FRAMES, num_inference_steps=30,
+                    guidance_scale=4.0, embedded_guidance_scale=None, flow_shift=5.0, flow_reverse=True,
+                    fps=8, negative_prompt="")
+
+
+def build_text_encoders(tokenizer=None):
+    """The toy LLM and CLIP text encoders at their fixed random initialisation."""
+    from ..prompts import PROMPT_TEMPLATE
+    from ..text_encoder import tiny_clip_encoder, tiny_llm_encoder
+    from .tokenizer import load_toy_tokenizer
+
+    tok = tokenizer or load_toy_tokenizer()
+    llm = tiny_llm_encoder(tok, hidden=TOY_LLM["hidden"], layers=TOY_LLM["layers"], heads=TOY_LLM["heads"],
+                           seed=TOY_LLM["seed"], template=PROMPT_TEMPLATE["dit-llm-encode-video"],
+                           max_length=TOY_LLM["max_length"])
+    clip = tiny_clip_encoder(load_toy_tokenizer(kind="clip"), hidden=TOY_CLIP["hidden"],
+                             layers=TOY_CLIP["layers"], seed=TOY_CLIP["seed"], max_length=TOY_CLIP["max_length"])
+    return llm, clip
+
+
+def toy_vae_config(scaling_factor: float | None = None) -> VAEConfig:
+    d = asdict(TOY_VAE_CONFIG)
+    if scaling_factor is not None:
+        d["scaling_factor"] = float(scaling_factor)
+    return VAEConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+def load_toy(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, weights_dir=None):
+    """The shipped toy model as a ready `HunyuanVideoPipeline` (one line: ``pipe = hvlab.load_toy()``).
+
+    Weights load through the same loaders as the release checkpoints (`load_dit_checkpoint`,
+    `load_vae_checkpoint`) from safetensors files.
+    """
+    from ..checkpoint import load_dit_checkpoint, load_into, load_state_dict_file
+    from ..pipeline import HunyuanVideoPipeline
+    from ..vae import load_vae_checkpoint
+
+    wd = Path(weights_dir or os.environ.get("HVLAB_TOY_WEIGHTS", WEIGHTS_DIR))
+    if not (wd / "dit.safetensors").exists():
+        raise FileNotFoundError(
+            f"toy weights not found in {wd} (expected dit.safetensors, vae.safetensors, "
+            f"text_encoder.safetensors, text_encoder_2.safetensors, config.json). Train them with "
+            f"`python -m hvlab.toy.train` or restore the folder from the repository.")
+    meta = json.loads((wd / "config.json").read_text())
+    dit = HYVideoDiffusionTransformer(TOY_DIT_CONFIG)
+    load_dit_checkpoint(dit, str(wd / "dit.safetensors"))
+    vae = AutoencoderKLCausal3D(toy_vae_config(meta["vae_scaling_factor"]))
+    load_vae_checkpoint(vae, str(wd / "vae.safetensors"))
+    llm, clip = build_text_encoders()
+    load_into(llm.model, load_state_dict_file(wd / "text_encoder.safetensors"), "toy text_encoder")
+    load_into(clip.model, load_state_dict_file(wd / "text_encoder_2.safetensors"), "toy text_encoder_2")
+    for m in (dit, vae, llm, clip):
+        m.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    defaults = dict(TOY_DEFAULTS, **meta.get("defaults", {}))
+    return HunyuanVideoPipeline(dit, vae, llm, clip, defaults=defaults, device=device, dtype=dtype)

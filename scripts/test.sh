@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The test command (README, CI): set-up, then the test suite, every notebook under nbmake,
+# the docs site built with --strict, and the site's browser check.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+. .venv/bin/activate
+export MPLBACKEND=Agg PYTHONHASHSEED=0 TOKENIZERS_PARALLELISM=false
+python -m pytest -q -n 2 --dist loadfile tests "$@"
+if [ -z "${HVLAB_SKIP_NOTEBOOKS:-}" ] && ls notebooks/*.ipynb >/dev/null 2>&1; then
+  python scripts/check_notebooks.py notebooks        # committed notebooks carry no outputs
+  python -m pytest -q -n 2 --nbmake notebooks --nbmake-timeout=900
+fi
+if [ -z "${HVLAB_SKIP_DOCS:-}" ] && [ -f mkdocs.yml ] && [ -x scripts/check_site.sh ]; then
+  bash scripts/check_site.sh
+fi
