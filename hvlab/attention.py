@@ -118,7 +118,8 @@ def attention(
     for n, members in groups.items():
         rows = slice(None) if len(members) == B else torch.tensor(members, device=q.device)
         qb, kb, vb = q[rows], k[rows], v[rows]
-        out[rows, :n] = _sdpa(qb[:, :n], kb[:, :n], vb[:, :n])  # real tokens
+        if n > 0:
+            out[rows, :n] = _sdpa(qb[:, :n], kb[:, :n], vb[:, :n])  # real tokens
         if n < L:
             out[rows, n:] = _sdpa(qb[:, n:], kb[:, n:], vb[:, n:])  # the padding segment
     return out

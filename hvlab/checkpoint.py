@@ -152,3 +152,155 @@ def save_safetensors(state_dict: Mapping[str, torch.Tensor], path: str, metadata
 
 def iter_prefixed(keys: Iterable[str], prefix: str) -> list[str]:
     return [k for k in keys if k.startswith(prefix)]
+
+
+# --- the HunyuanVideo DiT: official <-> diffusers key layouts ----------------------------------------------
+#
+# diffusers' HunyuanVideoTransformer3DModel stores the same numbers under other names, and unfuses three
+# kinds of fused linear: qkv -> to_q/to_k/to_v (refiner and double blocks; the text stream's become
+# add_q_proj/add_k_proj/add_v_proj), and the single blocks' linear1 -> to_q/to_k/to_v/proj_mlp. Its final
+# norm_out reads the modulation as (scale, shift) where the official final layer reads (shift, scale).
+# The table was derived by listing the state-dict keys of both models at a tiny config.
+
+_RB = "context_embedder.token_refiner.refiner_blocks.{i}."
+_DB = "transformer_blocks.{i}."
+_SB = "single_transformer_blocks.{i}."
+
+# (official module, diffusers module(s), how): "same" = rename, "qkv" = split in 3 equal parts along the
+# output dim, "qkv_mlp" = split into [D, D, D, mlp_hidden], "swap" = exchange the two halves of the output dim.
+DIT_KEY_RULES: list[tuple[str, list[str], str]] = [
+    ("img_in.proj", ["x_embedder.proj"], "same"),
+    ("txt_in.input_embedder", ["context_embedder.proj_in"], "same"),
+    ("txt_in.t_embedder.mlp.0", ["context_embedder.time_text_embed.timestep_embedder.linear_1"], "same"),
+    ("txt_in.t_embedder.mlp.2", ["context_embedder.time_text_embed.timestep_embedder.linear_2"], "same"),
+    ("txt_in.c_embedder.linear_1", ["context_embedder.time_text_embed.text_embedder.linear_1"], "same"),
+    ("txt_in.c_embedder.linear_2", ["context_embedder.time_text_embed.text_embedder.linear_2"], "same"),
+    ("txt_in.individual_token_refiner.blocks.{i}.norm1", [_RB + "norm1"], "same"),
+    ("txt_in.individual_token_refiner.blocks.{i}.norm2", [_RB + "norm2"], "same"),
+    ("txt_in.individual_token_refiner.blocks.{i}.self_attn_qkv",
+     [_RB + "attn.to_q", _RB + "attn.to_k", _RB + "attn.to_v"], "qkv"),
+    ("txt_in.individual_token_refiner.blocks.{i}.self_attn_proj", [_RB + "attn.to_out.0"], "same"),
+    ("txt_in.individual_token_refiner.blocks.{i}.mlp.fc1", [_RB + "ff.net.0.proj"], "same"),
+    ("txt_in.individual_token_refiner.blocks.{i}.mlp.fc2", [_RB + "ff.net.2"], "same"),
+    ("txt_in.individual_token_refiner.blocks.{i}.adaLN_modulation.1", [_RB + "norm_out.linear"], "same"),
+    ("time_in.mlp.0", ["time_text_embed.timestep_embedder.linear_1"], "same"),
+    ("time_in.mlp.2", ["time_text_embed.timestep_embedder.linear_2"], "same"),
+    ("vector_in.in_layer", ["time_text_embed.text_embedder.linear_1"], "same"),
+    ("vector_in.out_layer", ["time_text_embed.text_embedder.linear_2"], "same"),
+    ("guidance_in.mlp.0", ["time_text_embed.guidance_embedder.linear_1"], "same"),
+    ("guidance_in.mlp.2", ["time_text_embed.guidance_embedder.linear_2"], "same"),
+    ("double_blocks.{i}.img_mod.linear", [_DB + "norm1.linear"], "same"),
+    ("double_blocks.{i}.img_attn_qkv", [_DB + "attn.to_q", _DB + "attn.to_k", _DB + "attn.to_v"], "qkv"),
+    ("double_blocks.{i}.img_attn_q_norm", [_DB + "attn.norm_q"], "same"),
+    ("double_blocks.{i}.img_attn_k_norm", [_DB + "attn.norm_k"], "same"),
+    ("double_blocks.{i}.img_attn_proj", [_DB + "attn.to_out.0"], "same"),
+    ("double_blocks.{i}.img_mlp.fc1", [_DB + "ff.net.0.proj"], "same"),
+    ("double_blocks.{i}.img_mlp.fc2", [_DB + "ff.net.2"], "same"),
+    ("double_blocks.{i}.txt_mod.linear", [_DB + "norm1_context.linear"], "same"),
+    ("double_blocks.{i}.txt_attn_qkv",
+     [_DB + "attn.add_q_proj", _DB + "attn.add_k_proj", _DB + "attn.add_v_proj"], "qkv"),
+    ("double_blocks.{i}.txt_attn_q_norm", [_DB + "attn.norm_added_q"], "same"),
+    ("double_blocks.{i}.txt_attn_k_norm", [_DB + "attn.norm_added_k"], "same"),
+    ("double_blocks.{i}.txt_attn_proj", [_DB + "attn.to_add_out"], "same"),
+    ("double_blocks.{i}.txt_mlp.fc1", [_DB + "ff_context.net.0.proj"], "same"),
+    ("double_blocks.{i}.txt_mlp.fc2", [_DB + "ff_context.net.2"], "same"),
+    ("single_blocks.{i}.linear1",
+     [_SB + "attn.to_q", _SB + "attn.to_k", _SB + "attn.to_v", _SB + "proj_mlp"], "qkv_mlp"),
+    ("single_blocks.{i}.linear2", [_SB + "proj_out"], "same"),
+    ("single_blocks.{i}.q_norm", [_SB + "attn.norm_q"], "same"),
+    ("single_blocks.{i}.k_norm", [_SB + "attn.norm_k"], "same"),
+    ("single_blocks.{i}.modulation.linear", [_SB + "norm.linear"], "same"),
+    ("final_layer.linear", ["proj_out"], "same"),
+    ("final_layer.adaLN_modulation.1", ["norm_out.linear"], "swap"),
+]
+
+
+def _pattern(module: str) -> "re.Pattern[str]":
+    import re
+
+    return re.compile(re.escape(module).replace(r"\{i\}", r"(?P<i>\d+)") + r"\.(?P<param>weight|bias)$")
+
+
+_OFFICIAL_RE = [(_pattern(o), o, d, how) for o, d, how in DIT_KEY_RULES]
+_DIFFUSERS_RE = [(_pattern(dm), part, o, d, how) for o, d, how in DIT_KEY_RULES for part, dm in enumerate(d)]
+
+
+def _swap_halves(t: torch.Tensor) -> torch.Tensor:
+    a, b = t.chunk(2, dim=0)
+    return torch.cat([b, a], dim=0)
+
+
+def is_diffusers_dit_layout(sd: Mapping[str, torch.Tensor]) -> bool:
+    """True when the keys look like diffusers' HunyuanVideoTransformer3DModel (x_embedder, transformer_blocks...)."""
+    return any(k.startswith(("x_embedder.", "transformer_blocks.", "single_transformer_blocks.", "context_embedder."))
+               for k in sd)
+
+
+def official_to_diffusers(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Official HunyuanVideo DiT state dict -> diffusers HunyuanVideoTransformer3DModel state dict."""
+    out: dict[str, torch.Tensor] = {}
+    unknown = []
+    for key, value in sd.items():
+        for regex, o, d, how in _OFFICIAL_RE:
+            m = regex.match(key)
+            if m:
+                break
+        else:
+            unknown.append(key)
+            continue
+        names = [dm.replace("{i}", m.groupdict().get("i") or "") + "." + m["param"] for dm in d]
+        if how == "same":
+            out[names[0]] = value
+        elif how == "swap":
+            out[names[0]] = _swap_halves(value)
+        elif how == "qkv":
+            out.update(zip(names, value.chunk(3, dim=0)))
+        else:  # qkv_mlp: the hidden size D is linear1's input width
+            D = sd[key[: -len(m["param"])] + "weight"].shape[1]
+            out.update(zip(names, value.split([D, D, D, value.shape[0] - 3 * D], dim=0)))
+    if unknown:
+        raise CheckpointError(f"{len(unknown)} keys are not official HunyuanVideo DiT keys (first: {unknown[:5]})")
+    return out
+
+
+def diffusers_to_official(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """diffusers HunyuanVideoTransformer3DModel state dict -> official HunyuanVideo DiT state dict."""
+    parts: dict[str, dict[int, torch.Tensor]] = {}
+    how_of: dict[str, tuple[str, int]] = {}
+    unknown = []
+    for key, value in sd.items():
+        for regex, part, o, d, how in _DIFFUSERS_RE:
+            m = regex.match(key)
+            if m:
+                break
+        else:
+            unknown.append(key)
+            continue
+        okey = o.replace("{i}", m.groupdict().get("i") or "") + "." + m["param"]
+        parts.setdefault(okey, {})[part] = value
+        how_of[okey] = (how, len(d))
+    if unknown:
+        raise CheckpointError(f"{len(unknown)} keys are not diffusers HunyuanVideo keys (first: {unknown[:5]})")
+    out: dict[str, torch.Tensor] = {}
+    for okey, got in parts.items():
+        how, n = how_of[okey]
+        if len(got) != n:
+            raise CheckpointError(f"{okey} is fused from {n} diffusers tensors but only parts {sorted(got)} were found")
+        value = torch.cat([got[i] for i in range(n)], dim=0)
+        out[okey] = _swap_halves(value) if how == "swap" else value
+    return out
+
+
+def load_dit_checkpoint(model: torch.nn.Module, path_or_state_dict, strict: bool = True) -> torch.nn.Module:
+    """Load DiT weights into ``model`` from an official ``mp_rank_00_model_states.pt`` (weights under
+    "module" or "ema"), a folder of ``pytorch_model_*.pt`` / ``*.safetensors`` files, a single safetensors
+    file, or an in-memory state dict. diffusers-layout keys are detected and converted."""
+    if isinstance(path_or_state_dict, Mapping):
+        sd, what = unwrap_state_dict(path_or_state_dict, "state dict"), "state dict"
+    else:
+        what = os.fspath(path_or_state_dict)
+        sd = load_state_dict_file(what)
+    if is_diffusers_dit_layout(sd):
+        sd = diffusers_to_official(sd)
+        what += " (converted from the diffusers layout)"
+    return load_into(model, sd, what=what, strict=strict)

@@ -1,15 +1,19 @@
 """Train hvlab's toy HunyuanVideo on synthetic video: the VAE first, then the DiT.
 
-    python -m hvlab.toy.train --out runs/toy              # both phases, then export + evaluation
-    python -m hvlab.toy.train --out runs/toy --resume     # continue from runs/toy/state.pt
+    python -m hvlab.toy.train --out runs/toy                 # both phases, then export
+    python -m hvlab.toy.train --out runs/toy --resume        # continue from runs/toy/state.pt
 
-The DiT objective is rectified flow in the official convention:
-x_sigma = (1 - sigma) x0 + sigma noise, target v = noise - x0, sigma drawn uniformly and then shifted
-(sigma' = shift s / (1 + (shift - 1) s)) so more of training sits at high noise, where the layout
-(colour, shape, where it moves) is decided. Captions are dropped 10% of the time, for true CFG.
+Phase 1 trains the causal 3D VAE on rendered clips (reconstruction loss weighted towards the object,
+plus a tiny KL). Phase 2 encodes a pool of training videos once, then trains the DiT on them with
+rectified flow in the official convention: x_sigma = (1 - sigma) x0 + sigma noise, target
+v = noise - x0, sigma uniform then shifted (shift s / (1 + (shift - 1) s)) so more training sits at
+high noise, where the layout (colour, shape, where it moves) is decided. Captions are dropped 10% of
+the time so that true CFG works at sampling time.
 
-Everything is seeded: data order, initialisation and caption dropout come from one seed. (GPU kernels
-are not bitwise deterministic; a re-run reproduces the model's quality, not its exact bits.)
+Everything is seeded: data, initialisation and caption dropout come from one seed. GPU kernels are
+not bitwise deterministic, so a re-run reproduces the model's quality, not its exact bits.
+``--vae-minutes`` / ``--dit-minutes`` size a phase to a time budget by timing its first steps (the
+summary records the step counts reached, so the run can then be repeated with fixed ``--*-steps``).
 """
 from __future__ import annotations
 
@@ -52,26 +56,10 @@ def vae_loss(vae, videos, generator, kl_weight):
     return rec_loss + kl_weight * posterior.kl().mean(), rec_loss
 
 
-@torch.no_grad()
-def encode_captions(llm, clip, captions: list[str], device):
-    out = llm.encode(captions, device=device)
-    pooled = clip.encode(captions, device=device).hidden_state
-    return out.hidden_state.float(), out.attention_mask, pooled.float()
-
-
-@torch.no_grad()
-def latent_scale(vae, device, generator, batches=4, batch_size=8) -> float:
-    """1 / std of the VAE's latent means over training videos: unit-variance latents for the DiT."""
-    zs = []
-    for _ in range(batches):
-        videos, _, _ = data.sample_batch(batch_size, generator, split="train", device=device)
-        zs.append(vae.encode(videos).mean.float())
-    return float(1.0 / torch.cat(zs).std())
-
-
 class Logger:
+    """Append-only CSV loss log (survives resumes)."""
+
     def __init__(self, path: Path, fields: list[str]):
-        self.path, self.fields = path, fields
         new = not path.exists()
         self.f = open(path, "a", newline="")
         self.w = csv.DictWriter(self.f, fieldnames=fields)
@@ -83,69 +71,102 @@ class Logger:
         self.f.flush()
 
 
+class Loop:
+    """A training loop's bookkeeping: step count, time budget, LR schedule, logging and saving."""
+
+    def __init__(self, name, total, budget_min, warmup, base_lr, out, start=0, seconds=0.0):
+        self.name, self.total, self.budget, self.warmup, self.base_lr = name, total, budget_min, warmup, base_lr
+        self.step, self.t0 = start, time.perf_counter() - seconds
+        self.calib_at = start + 30 if budget_min and start == 0 else None
+        self.log = Logger(out / f"{name}_loss.csv", ["step", "loss", "lr", "seconds"])
+
+    @property
+    def seconds(self):
+        return time.perf_counter() - self.t0
+
+    def lr(self):
+        return lr_at(self.step, self.total, self.base_lr, self.warmup)
+
+    def advance(self, loss: torch.Tensor, lr: float) -> None:
+        self.step += 1
+        if self.step == self.calib_at:  # size the phase to its time budget from the first steps' speed
+            rate = self.seconds / self.step
+            self.total = max(self.step + 1, int(self.budget * 60 / rate))
+            print(f"[{self.name}] {rate * 1000:.1f} ms/step -> {self.total} steps in {self.budget} min", flush=True)
+        if self.step % 50 == 0 or self.step == self.total:
+            self.log.log(step=self.step, loss=f"{loss.item():.5f}", lr=f"{lr:.2e}", seconds=f"{self.seconds:.1f}")
+        if self.step % 500 == 0:
+            print(f"[{self.name}] step {self.step}/{self.total} loss {loss.item():.4f} {self.seconds:.0f}s", flush=True)
+
+    def done(self):
+        return self.step >= self.total
+
+
 def save_state(path: Path, state: dict) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)
 
 
-def train(args) -> dict:
-    device = torch.device(args.device)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(args.seed)
-    amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    state_path = out / "state.pt"
-    state = torch.load(state_path, map_location="cpu", weights_only=False) if args.resume and state_path.exists() else {}
-    summary = state.get("summary", {"args": vars(args)})
+def set_lr(opt, lr):
+    for g in opt.param_groups:
+        g["lr"] = lr
 
-    # ---------------- phase 1: the VAE ----------------
+
+def train_vae(args, device, gen, state, out):
     vae = AutoencoderKLCausal3D(toy_vae_config()).to(device)
     if "vae" in state:
         vae.load_state_dict(state["vae"])
-    vae_opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
     if "vae_opt" in state:
-        vae_opt.load_state_dict(state["vae_opt"])
-    gen = torch.Generator(device=device).manual_seed(args.seed)
-    if "gen" in state:
-        gen.set_state(state["gen"])
-    step = state.get("vae_step", 0)
-    log = Logger(out / "vae_loss.csv", ["step", "loss", "rec", "lr", "seconds"])
-    t0 = time.perf_counter() - state.get("vae_seconds", 0.0)
+        opt.load_state_dict(state["vae_opt"])
+    loop = Loop("vae", state.get("vae_total", args.vae_steps), args.vae_minutes, 200, args.vae_lr, out,
+                state.get("vae_step", 0), state.get("vae_seconds", 0.0))
+    amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     vae.train()
-    while step < args.vae_steps:
-        lr = lr_at(step, args.vae_steps, args.vae_lr, 200)
-        for g in vae_opt.param_groups:
-            g["lr"] = lr
+    while not loop.done():
+        lr = loop.lr()
+        set_lr(opt, lr)
         videos, _, _ = data.sample_batch(args.vae_batch, gen, split="train", device=device)
+        videos = videos[:, :, : args.vae_frames]  # causal and convolutional in time: short clips suffice
         with torch.autocast(**amp):
             loss, rec = vae_loss(vae, videos, gen, args.kl_weight)
-        vae_opt.zero_grad(set_to_none=True)
+        opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        vae_opt.step()
-        step += 1
-        if step % 50 == 0 or step == args.vae_steps:
-            log.log(step=step, loss=f"{loss.item():.5f}", rec=f"{rec.item():.5f}", lr=f"{lr:.2e}",
-                    seconds=f"{time.perf_counter() - t0:.1f}")
-        if step % args.save_every == 0 or step == args.vae_steps:
-            save_state(state_path, dict(vae=vae.state_dict(), vae_opt=vae_opt.state_dict(), vae_step=step,
-                                        gen=gen.get_state(), vae_seconds=time.perf_counter() - t0,
-                                        summary=summary))
-    summary["vae_steps"] = step
-    summary["vae_seconds"] = state.get("vae_seconds") if "dit_step" in state else round(time.perf_counter() - t0, 1)
-    vae.eval().requires_grad_(False)
-    del vae_opt
+        opt.step()
+        loop.advance(rec, lr)
+        if loop.step % args.save_every == 0 or loop.done():
+            save_state(out / "state.pt", dict(vae=vae.state_dict(), vae_opt=opt.state_dict(), vae_step=loop.step,
+                                              vae_total=loop.total, vae_seconds=loop.seconds, gen=gen.get_state()))
+    return vae.eval().requires_grad_(False), loop
 
-    # ---------------- phase 2: the DiT ----------------
-    scale = state.get("vae_scaling_factor") or latent_scale(vae, device, gen)
-    summary["vae_scaling_factor"] = scale
+
+@torch.no_grad()
+def build_latent_pool(vae, n, gen, device, batch=128):
+    """Encode ``n`` training videos once (posterior means); the DiT then trains on the pool."""
+    amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    zs, caps = [], []
+    for s in range(0, n, batch):
+        videos, c, _ = data.sample_batch(min(batch, n - s), gen, split="train", device=device)
+        with torch.autocast(**amp):
+            zs.append(vae.encode(videos).mean.to(torch.bfloat16))
+        caps += c
+    return torch.cat(zs), caps  # (n, 16, 5, 16, 16)
+
+
+def train_dit(args, device, gen, state, out, vae):
+    amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    pool, pool_caps = build_latent_pool(vae, args.pool, gen, device)
+    scale = state.get("vae_scaling_factor") or float(1.0 / pool.float().std())
     llm, clip = build_text_encoders()
     llm.to(device), clip.to(device)
-    captions = [data.caption(*a) for a in data.TRAIN] + [""]
-    text, mask, pooled = encode_captions(llm, clip, captions, device)
-    null_id = len(captions) - 1
-    caption_id = {c: i for i, c in enumerate(captions)}
+    captions = [data.caption(*a) for a in data.TRAIN] + [""]  # the last one is the dropped caption
+    with torch.no_grad():
+        enc = llm.encode(captions, device=device)
+        text, mask = enc.hidden_state.float(), enc.attention_mask
+        pooled = clip.encode(captions, device=device).hidden_state.float()
+    cap_ids = torch.tensor([captions.index(c) for c in pool_caps], device=device)
 
     dit = HYVideoDiffusionTransformer(TOY_DIT_CONFIG).to(device)
     if "dit" in state:
@@ -156,22 +177,19 @@ def train(args) -> dict:
     opt = torch.optim.AdamW(dit.parameters(), lr=args.dit_lr, weight_decay=0.01)
     if "dit_opt" in state:
         opt.load_state_dict(state["dit_opt"])
-    step = state.get("dit_step", 0)
-    log = Logger(out / "dit_loss.csv", ["step", "loss", "lr", "seconds"])
-    t0 = time.perf_counter() - state.get("dit_seconds", 0.0)
+    loop = Loop("dit", state.get("dit_total", args.dit_steps), args.dit_minutes, 300, args.dit_lr, out,
+                state.get("dit_step", 0), state.get("dit_seconds", 0.0))
     dit.train()
-    while step < args.dit_steps:
-        lr = lr_at(step, args.dit_steps, args.dit_lr, 500)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        B = args.dit_batch
+    B = args.dit_batch
+    while not loop.done():
+        lr = loop.lr()
+        set_lr(opt, lr)
         with torch.no_grad():
-            videos, caps, _ = data.sample_batch(B, gen, split="train", device=device)
-            with torch.autocast(**amp):
-                x0 = vae.encode(videos).mean.float() * scale  # (B, 16, 5, 16, 16)
-            ids = torch.tensor([caption_id[c] for c in caps], device=device)
+            idx = torch.randint(0, len(pool), (B,), generator=gen, device=device)
+            x0 = pool[idx].float() * scale
+            ids = cap_ids[idx]
             drop = torch.rand(B, generator=gen, device=device) < args.caption_dropout
-            ids = torch.where(drop, torch.full_like(ids, null_id), ids)
+            ids = torch.where(drop, torch.full_like(ids, len(captions) - 1), ids)
             sigma = sample_training_sigmas(B, args.train_shift, gen, device=device)
             noise = torch.randn(x0.shape, generator=gen, device=device)
             s = sigma.view(B, 1, 1, 1, 1)
@@ -184,23 +202,42 @@ def train(args) -> dict:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(dit.parameters(), 1.0)
         opt.step()
-        step += 1
         with torch.no_grad():
-            d = min(args.ema, (1 + step) / (10 + step))
-            for pe, p in zip(ema.parameters(), dit.parameters()):
-                pe.lerp_(p, 1 - d)
-        if step % 50 == 0 or step == args.dit_steps:
-            log.log(step=step, loss=f"{loss.item():.5f}", lr=f"{lr:.2e}", seconds=f"{time.perf_counter() - t0:.1f}")
-        if step % args.save_every == 0 or step == args.dit_steps:
-            save_state(state_path, dict(vae=vae.state_dict(), vae_step=summary["vae_steps"],
-                                        vae_seconds=summary["vae_seconds"], vae_scaling_factor=scale,
-                                        dit=dit.state_dict(), ema=ema.state_dict(), dit_opt=opt.state_dict(),
-                                        dit_step=step, gen=gen.get_state(),
-                                        dit_seconds=time.perf_counter() - t0, summary=summary))
-    summary["dit_steps"], summary["dit_seconds"] = step, round(time.perf_counter() - t0, 1)
-    summary["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    summary["torch"] = torch.__version__
-    export(out / "weights", ema, vae, llm, clip, scale, summary)
+            decay = min(args.ema, (1 + loop.step) / (10 + loop.step))
+            torch._foreach_lerp_(list(ema.parameters()), list(dit.parameters()), 1 - decay)
+        loop.advance(loss, lr)
+        if loop.step % args.save_every == 0 or loop.done():
+            save_state(out / "state.pt", dict(
+                vae=vae.state_dict(), vae_step=state.get("vae_step"), vae_seconds=state.get("vae_seconds"),
+                vae_total=state.get("vae_total"), vae_scaling_factor=scale, dit=dit.state_dict(),
+                ema=ema.state_dict(), dit_opt=opt.state_dict(), dit_step=loop.step, dit_total=loop.total,
+                dit_seconds=loop.seconds, gen=gen.get_state()))
+    return ema.eval(), llm, clip, scale, loop
+
+
+def train(args) -> dict:
+    device = torch.device(args.device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(args.seed)  # module initialisation
+    state_path = out / "state.pt"
+    state = torch.load(state_path, map_location="cpu", weights_only=False) if args.resume and state_path.exists() else {}
+    gen = torch.Generator(device=device).manual_seed(args.seed)  # data, noise, sigmas, caption dropout
+    if "gen" in state:
+        gen.set_state(state["gen"])
+    vae, vloop = train_vae(args, device, gen, state, out)
+    state.update(vae_step=vloop.step, vae_total=vloop.total, vae_seconds=vloop.seconds)
+    dit, llm, clip, scale, dloop = train_dit(args, device, gen, state, out, vae)
+    summary = dict(
+        command="python -m hvlab.toy.train " + " ".join(
+            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
+            if k not in ("resume", "out", "device", "vae_minutes", "dit_minutes", "vae_steps", "dit_steps")),
+        vae_steps=vloop.step, vae_seconds=round(vloop.seconds, 1), dit_steps=dloop.step,
+        dit_seconds=round(dloop.seconds, 1), vae_scaling_factor=scale,
+        device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", torch=torch.__version__,
+        dit_params=sum(p.numel() for p in dit.parameters()), vae_params=sum(p.numel() for p in vae.parameters()))
+    summary["command"] += f" --vae-steps {vloop.step} --dit-steps {dloop.step}"
+    export(out / "weights", dit, vae, llm, clip, scale, summary)
     plot_losses(out)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
@@ -211,7 +248,10 @@ def export(wd: Path, dit, vae, llm, clip, scale: float, summary: dict) -> None:
     from ..preview import fit_latent_to_rgb
 
     wd.mkdir(parents=True, exist_ok=True)
-    half = lambda sd: {k: v.half() if v.is_floating_point() else v for k, v in sd.items()}  # noqa: E731
+
+    def half(sd):
+        return {k: v.half() if v.is_floating_point() else v for k, v in sd.items()}
+
     save_safetensors(half(dit.state_dict()), str(wd / "dit.safetensors"))
     save_safetensors(half(vae.state_dict()), str(wd / "vae.safetensors"))
     save_safetensors(half(llm.model.state_dict()), str(wd / "text_encoder.safetensors"))
@@ -221,12 +261,11 @@ def export(wd: Path, dit, vae, llm, clip, scale: float, summary: dict) -> None:
         shutil.copytree(tok_src, wd / "tokenizer", dirs_exist_ok=True)
     device = next(vae.parameters()).device
     gen = torch.Generator(device=device).manual_seed(99)
-    videos, _, _ = data.sample_batch(8, gen, split="train", device=device)
+    videos, _, _ = data.sample_batch(16, gen, split="train", device=device)
     with torch.no_grad():
         z = vae.encode(videos).mean.float() * scale
-    rgb = fit_latent_to_rgb(z, videos)
-    meta = dict(vae_scaling_factor=scale, defaults=TOY_DEFAULTS, latent_to_rgb=rgb,
-                training={k: v for k, v in summary.items() if k != "args"}, args=summary.get("args"))
+    meta = dict(vae_scaling_factor=scale, defaults=TOY_DEFAULTS, latent_to_rgb=fit_latent_to_rgb(z, videos),
+                training=summary)
     (wd / "config.json").write_text(json.dumps(meta, indent=2, default=str))
 
 
@@ -237,13 +276,12 @@ def plot_losses(out: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
-    for ax, name in zip(axes, ["vae_loss.csv", "dit_loss.csv"]):
-        p = out / name
-        if not p.exists():
-            continue
-        rows = list(csv.DictReader(open(p)))
-        ax.plot([int(r["step"]) for r in rows], [float(r["loss"]) for r in rows])
-        ax.set(title=name.replace("_loss.csv", "").upper() + " training loss", xlabel="step", yscale="log")
+    for ax, name in zip(axes, ["vae", "dit"]):
+        p = out / f"{name}_loss.csv"
+        if p.exists():
+            rows = list(csv.DictReader(open(p)))
+            ax.plot([int(r["step"]) for r in rows], [float(r["loss"]) for r in rows])
+        ax.set(title=f"{name.upper()} training loss (per logged step)", xlabel="step", yscale="log")
     fig.tight_layout()
     fig.savefig(out / "loss_curves.png", dpi=100)
 
@@ -255,11 +293,15 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true")
     p.add_argument("--vae-steps", type=int, default=3000)
-    p.add_argument("--vae-batch", type=int, default=16)
+    p.add_argument("--vae-minutes", type=float, default=None, help="size the VAE phase to this budget")
+    p.add_argument("--vae-batch", type=int, default=8)
+    p.add_argument("--vae-frames", type=int, default=9, help="clip length for VAE training (4k+1)")
     p.add_argument("--vae-lr", type=float, default=1e-3)
     p.add_argument("--kl-weight", type=float, default=1e-6)
-    p.add_argument("--dit-steps", type=int, default=12000)
-    p.add_argument("--dit-batch", type=int, default=64)
+    p.add_argument("--pool", type=int, default=32768, help="training videos encoded once for the DiT")
+    p.add_argument("--dit-steps", type=int, default=4000)
+    p.add_argument("--dit-minutes", type=float, default=None, help="size the DiT phase to this budget")
+    p.add_argument("--dit-batch", type=int, default=256)
     p.add_argument("--dit-lr", type=float, default=5e-4)
     p.add_argument("--train-shift", type=float, default=3.0)
     p.add_argument("--caption-dropout", type=float, default=0.1)
@@ -267,7 +309,7 @@ def main(argv=None):
     p.add_argument("--save-every", type=int, default=1000)
     args = p.parse_args(argv)
     summary = train(args)
-    print(json.dumps({k: v for k, v in summary.items() if k != "args"}, indent=2))
+    print(json.dumps(summary, indent=2))
 
 
 if __name__ == "__main__":
