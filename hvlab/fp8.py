@@ -77,8 +77,9 @@ def quantize_weight(w: torch.Tensor, per_channel: bool = False) -> tuple[torch.T
     """(out, in) weight -> (w_fp8, scale) with scale = amax / 448 per tensor (shape ()) or per row (shape (out,)).
 
     ``w ~= w_fp8.float() * scale``. An all-zero tensor or row (a freshly zero-initialised modulation layer)
-    gets scale 1 instead of 0. The scale is rounded to a bf16-representable value, which may put the largest
-    element a hair above 448 before the clamp: it then saturates by < 0.2%, far less than its rounding error.
+    gets scale 1 instead of 0. The scale is rounded to a bf16-representable value (<= 2^-8 relative), which may
+    put the largest element a hair above 448 before the clamp: it then saturates by < 0.4%, well inside its
+    own rounding error (the step between e4m3 values near 448 is 32).
     """
     if w.dim() < 2:
         raise ValueError(f"quantize_weight expects a (out_features, in_features) weight, got shape {tuple(w.shape)}")
@@ -104,7 +105,8 @@ def quantize_activation(x2: torch.Tensor, per_token: bool = True) -> tuple[torch
 
     Works in the input dtype (bf16 at scale): a reduction for amax, one multiply by the bf16-rounded
     reciprocal 448 / amax, one cast. The returned scale is the exact inverse of that rounded multiplier, so
-    the rounding cancels; the product can exceed 448 by <= 2^-8 relative, which the cast rounds back to 448.
+    that rounding cancels. Rounding the multiplier and the product to bf16 may lift the largest value to
+    ~452 (< 2^-7 relative), which the cast rounds back to 448: only values >= 464 would leave e4m3's range.
     """
     if per_token:
         amax = torch.linalg.vector_norm(x2, ord=float("inf"), dim=-1, keepdim=True).float()  # (M, 1)
@@ -307,11 +309,11 @@ def convert_to_fp8(model: nn.Module, mode: str = "auto", per_channel: bool = Fal
     else "weight_only" with a one-line `FP8FallbackWarning`; an explicit "scaled_mm" falls back the same way.
     ``layer_kwargs`` go to FP8Linear (``per_token``, ``use_fast_accum``). Returns ``model``.
     """
-    resolved = _resolve_mode(mode, _model_device(model))
     names = [n for n, m in model.named_modules() if not isinstance(m, FP8Linear) and include(n, m)]
     if not names and not any(isinstance(m, FP8Linear) for m in model.modules()):
         raise ValueError("convert_to_fp8 found no nn.Linear to convert: the default filter takes those inside "
                          f"{FP8_BLOCKS} with dims divisible by 16; pass include=... for other models")
+    resolved = _resolve_mode(mode, _model_device(model))
     for n in names:
         _replace(model, n, FP8Linear.from_linear(model.get_submodule(n), per_channel, resolved, **layer_kwargs))
     for m in model.modules():

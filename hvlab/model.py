@@ -83,7 +83,17 @@ TINY_CONFIG = HYVideoConfig(  # every block type, small enough for CPU tests
     hidden_size=64, heads_num=2, rope_dim_list=(8, 12, 12), mm_double_blocks_depth=1, mm_single_blocks_depth=1,
     text_states_dim=32, text_states_dim_2=16,
 )
-PRESETS: dict[str, HYVideoConfig] = {"HYVideo-T/2-cfgdistill": HYVIDEO_T2_CONFIG, "tiny": TINY_CONFIG}
+# hvlab's trained toy model (hvlab/toy): the release layout, 1/16 the width, 2 + 4 blocks instead of 20 + 40.
+TOY_CONFIG = HYVideoConfig(
+    hidden_size=192, heads_num=3,  # head_dim 64 (release 24 x 128)
+    mm_double_blocks_depth=2, mm_single_blocks_depth=4,
+    rope_dim_list=(16, 24, 24),  # sums to head_dim 64; t keeps the release's 16 channels
+    text_states_dim=128, text_states_dim_2=64,  # the toy LLM's and CLIP's widths
+    guidance_embed=False,  # not guidance-distilled: the toy samples with true CFG
+    refiner_depth=1,
+)
+PRESETS: dict[str, HYVideoConfig] = {"HYVideo-T/2-cfgdistill": HYVIDEO_T2_CONFIG, "toy": TOY_CONFIG,
+                                     "tiny": TINY_CONFIG}
 
 
 def patchify(x: torch.Tensor, patch_size: Sequence[int]) -> torch.Tensor:

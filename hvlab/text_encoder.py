@@ -105,14 +105,14 @@ class TextEncoder(nn.Module):
         return self.model.config.hidden_size
 
     def _tokenize(self, texts: list[str], total_length: int, device) -> dict[str, torch.Tensor]:
-        full_lengths = [len(ids) for ids in self.tokenizer(texts, add_special_tokens=True)["input_ids"]]
+        full_lengths = [len(ids) for ids in self.tokenizer(texts, add_special_tokens=True, verbose=False)["input_ids"]]
         for i, n in enumerate(full_lengths):
             if n > total_length:  # counted before truncation, so the message can say how much is lost
-                kept = total_length - self.crop_start
-                warnings.warn(
-                    f"prompt {i} is {n - self.crop_start} tokens long (after the template's {self.crop_start}-token "
-                    f"prefix, closing tokens included) but the {self.kind} encoder keeps {kept}: the last "
-                    f"{n - total_length} tokens were dropped", stacklevel=3)
+                where = (f"after the template's {self.crop_start}-token prefix, closing tokens included"
+                         if self.crop_start else "start and end tokens included")
+                warnings.warn(  # stacklevel 4: the line that called encode()
+                    f"prompt {i} is {n - self.crop_start} tokens long ({where}) but the {self.kind} encoder keeps "
+                    f"{total_length - self.crop_start}: the last {n - total_length} tokens were dropped", stacklevel=4)
         enc = self.tokenizer(texts, padding="max_length", max_length=total_length, truncation=True,
                              padding_side="right", return_tensors="pt")
         return {"input_ids": enc["input_ids"].to(device), "attention_mask": enc["attention_mask"].to(device)}
@@ -123,14 +123,15 @@ class TextEncoder(nn.Module):
                 return getattr(self.model, name)
         raise AttributeError(f"apply_final_norm=True but {type(self.model).__name__} has no norm/final_layer_norm/ln_f")
 
-    @torch.no_grad()
     def encode(self, prompts: str | Sequence[str], device=None, output_hidden_states: bool = False) -> TextEncoderOutput:
-        """Tokenize and encode; see the class docstring for what each kind returns."""
+        """Tokenize and encode (without gradients: the encoders are frozen); see the class docstring."""
         prompts = validate_prompts(prompts)
         device = torch.device(device) if device is not None else self.device
-        if self.kind == "clip":
-            return self._encode_clip(prompts, device, output_hidden_states)
+        encode = self._encode_clip if self.kind == "clip" else self._encode_llm
+        with torch.no_grad():
+            return encode(prompts, device, output_hidden_states)
 
+    def _encode_llm(self, prompts: list[str], device, output_hidden_states: bool) -> TextEncoderOutput:
         texts = [apply_template(p, self.template) for p in prompts] if self.template is not None else prompts
         batch = self._tokenize(texts, self.max_length + self.crop_start, device)
         out = self.model(**batch, output_hidden_states=True)

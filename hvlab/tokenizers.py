@@ -20,7 +20,7 @@ The one piece of real work is :func:`tiktoken_to_bpe`: tiktoken stores only a *r
 *merge list*. Tiktoken's rule is "repeatedly merge the adjacent pair whose concatenation has the
 lowest rank", so every split of a token into two tokens is a merge, ordered by the rank of the
 result. ``ignore_merges=True`` reproduces tiktoken's shortcut of taking a whole pre-token
-directly when it is itself in the vocabulary. ``tests/test_text_encoder.py`` checks the result
+directly when it is itself in the vocabulary. ``tests/test_prompts.py`` checks the result
 against tiktoken id for id.
 
 When a user has ``ckpts/text_encoder`` / ``ckpts/text_encoder_2``, the tokenizers saved there are

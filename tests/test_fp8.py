@@ -105,12 +105,12 @@ def test_quantize_error_bound_per_element(per_channel):
     s = scale.double().reshape(-1, 1) if per_channel else scale.double()
     amax = w.abs().amax(dim=1, keepdim=True) if per_channel else w.abs().amax()
     expected = torch.where(amax > 0, amax / 448, torch.ones_like(amax))
-    assert ((s - expected).abs() <= 2**-9 * expected).all()  # amax / 448, rounded to bf16
+    assert ((s - expected).abs() <= 2**-8 * expected).all()  # amax / 448, rounded to bf16 (8 significant bits)
     assert torch.equal(scale.to(torch.bfloat16).float(), scale)  # exactly representable in bf16
     deq = decode_e4m3(w_fp8) * s
     assert not torch.isnan(deq).any()
     # round to nearest: half a step = 2^-4 of the value for normals, 2^-10 * scale in the subnormal range;
-    # the bf16-rounded scale may saturate the largest element by <= 2^-9, inside the same bound
+    # the bf16-rounded scale may saturate the largest element by <= 2^-8, inside the same bound
     bound = torch.maximum(2**-4 * w.abs(), 2**-10 * s.expand_as(w)) * (1 + 1e-6)
     assert ((deq - w).abs() <= bound).all()
     top = decode_e4m3(w_fp8).abs().amax(dim=1) if per_channel else decode_e4m3(w_fp8).abs().amax()
@@ -137,12 +137,12 @@ def test_weight_only_forward_matches_linear_with_dequantized_weight():
     lin = mlp()[0]
     layer = FP8Linear.from_linear(lin, mode="weight_only")
     x = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)  # (B, L, D)
-    w_ref = (decode_e4m3(layer.weight) * layer.weight_scale.double()).to(torch.bfloat16)
+    w_exact = (decode_e4m3(layer.weight) * layer.weight_scale.double()).float()
     y = layer(x)
     assert y.shape == (2, 5, 256) and y.dtype == torch.bfloat16
-    assert rel(y, F.linear(x, w_ref, lin.bias)) <= 1e-3
+    assert rel(y, F.linear(x, w_exact.to(torch.bfloat16), lin.bias)) <= 1e-3
     y32 = layer(x.float())  # the dtype follows the input: fp32 in, fp32 math
-    assert y32.dtype == torch.float32 and rel(y32, F.linear(x.float(), w_ref.float(), lin.bias.float())) <= 1e-6
+    assert y32.dtype == torch.float32 and rel(y32, F.linear(x.float(), w_exact, lin.bias.float())) <= 1e-6
     # against the unquantized layer: one e4m3 operand, ~EPS1 (inputs from the same seed, so a stable number)
     assert rel(y32, F.linear(x.float(), lin.weight.float(), lin.bias.float())) <= 1.5 * EPS1
 
@@ -165,12 +165,12 @@ def test_per_token_scales_protect_small_tokens_from_an_outlier():
     g = torch.Generator().manual_seed(4)
     w = torch.randn(64, 128, generator=g) / math.sqrt(128)
     x = torch.randn(32, 128, generator=g)
-    x[0] *= 1e4  # one outlier token: per-tensor scaling pushes the others into e4m3's subnormal range
+    x[0] *= 1e6  # one outlier token: per-tensor scaling pushes the others below e4m3's smallest values
     w_fp8, scale = quantize_weight(w)
     ref = F.linear(x[1:], w)
     tok = rel(emulate_scaled_mm(x, w_fp8, scale, per_token=True)[1:], ref)
     tensor = rel(emulate_scaled_mm(x, w_fp8, scale, per_token=False)[1:], ref)
-    assert tok <= SCALED_MM_LAYER_TOL and tensor > 4 * tok
+    assert tok <= SCALED_MM_LAYER_TOL and tensor > 0.5
 
 
 @pytest.mark.skipif(not cpu_scaled_mm_available(), reason="this torch has no CPU torch._scaled_mm")
@@ -193,7 +193,6 @@ def test_whole_tiny_model_with_cpu_scaled_mm_within_budget():
     with torch.no_grad():
         ref = model(*inputs)
         q = convert_to_fp8(copy.deepcopy(model), mode="weight_only")
-        fp8.set_fp8_mode(q, "weight_only")
         for m in q.modules():  # the CPU kernel, forced: convert_to_fp8 itself only picks it on FP8 GPUs
             if isinstance(m, FP8Linear):
                 m.mode = "scaled_mm"
@@ -207,7 +206,7 @@ def test_default_filter_takes_the_official_320_layers_of_the_13b_model():
     convert_to_fp8(model, mode="weight_only")
     layers = [n for n, m in model.named_modules() if isinstance(m, FP8Linear)]
     assert len(layers) == 320 and all(n.startswith(("double_blocks.", "single_blocks.")) for n in layers)
-    assert sum(".mod.linear" in n or "modulation.linear" in n for n in layers) == 2 * 20 + 40
+    assert sum(n.endswith(("_mod.linear", "modulation.linear")) for n in layers) == 2 * 20 + 40
     assert fp8.fp8_param_share(model) == pytest.approx(0.972, abs=5e-4)
     assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == keys  # same 856 keys, same shapes
     assert isinstance(model.final_layer.linear, nn.Linear) and isinstance(model.txt_in.input_embedder, nn.Linear)

@@ -17,31 +17,14 @@ from pathlib import Path
 
 import torch
 
-from ..model import HYVideoConfig, HYVideoDiffusionTransformer
+from ..model import TOY_CONFIG, HYVideoDiffusionTransformer
 from ..vae import AutoencoderKLCausal3D, VAEConfig
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 
 TOY_FRAMES, TOY_SIZE = 17, 128
 
-# The DiT: release layout, 1/16 the width, 2 + 4 blocks instead of 20 + 40.
-TOY_DIT_CONFIG = HYVideoConfig(
-    in_channels=16,
-    out_channels=16,
-    patch_size=(1, 2, 2),
-    hidden_size=192,  # release 3072
-    heads_num=3,  # head_dim 64 (release 24 x 128)
-    mlp_width_ratio=4.0,
-    mm_double_blocks_depth=2,  # release 20
-    mm_single_blocks_depth=4,  # release 40
-    rope_dim_list=(16, 24, 24),  # sums to head_dim; t gets the same 16 dims as the release
-    rope_theta=256.0,
-    qkv_bias=True,
-    text_states_dim=128,  # the toy LLM's width (release 4096)
-    text_states_dim_2=64,  # the toy CLIP's width (release 768)
-    guidance_embed=False,  # the toy is not guidance-distilled: it uses true CFG
-    refiner_depth=1,  # release 2
-)
+TOY_DIT_CONFIG = TOY_CONFIG  # defined beside the release preset in hvlab/model.py
 
 # The VAE: 8x spatial and 4x temporal compression into 16 channels, as the release; narrower blocks.
 TOY_VAE_CONFIG = VAEConfig(
