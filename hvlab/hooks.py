@@ -86,9 +86,10 @@ def channel_stats(z: torch.Tensor) -> dict[str, torch.Tensor]:
 
 class LatentRecorder(PipelineHook):
     """Records, every ``every`` steps (and always the last): the latent x after the step, the predicted
-    clean latent x0 = x_in - sigma * v, per-channel mean/std of both, an RGB preview of x0 through a
-    16 -> 3 linear map (``rgb_map``, see `hvlab.preview`; default ``pipe.latent_rgb_map``), and, every
-    ``decode_every`` steps, a true VAE decode of x0. Everything is stored on the CPU in float32.
+    clean latent x0 = x_in - sigma * v, per-channel mean/std of both and an RGB preview of x0 through a
+    16 -> 3 linear map (``rgb_map``, see `hvlab.preview`; default ``pipe.latent_rgb_map``); and, every
+    ``decode_every`` steps (and the last), a true VAE decode of x0. Everything is stored on the CPU in
+    float32.
 
     Results: ``steps``, ``sigmas`` (the step's starting noise level), ``latents`` / ``x0`` (S, B, C, T, H, W),
     ``stats[name]`` (S, B, C) for name in latent_mean, latent_std, x0_mean, x0_std, ``previews``
@@ -112,9 +113,11 @@ class LatentRecorder(PipelineHook):
 
     def on_step_end(self, state) -> None:
         i, last = state.i, state.i == state.n - 1
+        x0 = state.x0  # (B, C, T, H, W) float32
+        if self.decode_every is not None and (i % self.decode_every == 0 or last):
+            self.decoded[i] = self.pipe.decode(x0, progress=False)
         if i % self.every and not last:
             return
-        x0 = state.x0  # (B, C, T, H, W) float32
         self.steps.append(i)
         self.sigmas.append(state.sigma)
         for name, z in (("latent", state.latents), ("x0", x0)):
@@ -127,8 +130,6 @@ class LatentRecorder(PipelineHook):
             from .preview import latent_to_rgb
 
             self._previews.append(latent_to_rgb(x0, self.rgb_map).cpu())
-        if self.decode_every is not None and (i % self.decode_every == 0 or last):
-            self.decoded[i] = self.pipe.decode(x0, progress=False)
 
     @property
     def latents(self) -> torch.Tensor:
@@ -217,11 +218,12 @@ def text_video_probs(q: torch.Tensor, k: torch.Tensor, *, img_len: int, txt_lens
                 s = (q[b, img_len:n, h].float() @ kh.T) * scale  # (tl, n): tl rows are cheap
                 out[bi, hi, :tl] = s.softmax(dim=-1)[:, :img_len]
                 continue
-            step = _rows(max_elements, n)
-            for r0 in range(0, img_len, step):
-                s = (q[b, r0:r0 + step, h].float() @ kh.T) * scale  # (c, n) one chunk of video rows
+            chunk = _rows(max_elements, n)
+            for r0 in range(0, img_len, chunk):
+                r1 = min(r0 + chunk, img_len)
+                s = (q[b, r0:r1, h].float() @ kh.T) * scale  # (c, n) one chunk of video rows
                 lse = torch.logsumexp(s, dim=-1, keepdim=True)  # exact normaliser of each row
-                out[bi, hi, :tl, r0:r0 + step] = (s[:, img_len:n] - lse).exp().T
+                out[bi, hi, :tl, r0:r1] = (s[:, img_len:n] - lse).exp().T
     return out
 
 

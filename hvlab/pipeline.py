@@ -150,6 +150,8 @@ def save_state(path, latents: torch.Tensor, step: int, settings: dict | None, **
 def load_state(path) -> dict:
     """Read a file written by `save_state` (weights_only: it holds tensors, numbers and strings only)."""
     state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} is not an hvlab resume file (expected a dict with latents, step, settings)")
     missing = [k for k in ("latents", "step", "settings") if k not in state]
     if missing or state["settings"] is None:
         raise ValueError(f"{path} is not an hvlab resume file: expected the keys latents, step, settings "
@@ -450,9 +452,10 @@ class HunyuanVideoPipeline:
         return self.generate(settings, callback=callback, progress=progress, save_path=save_path)
 
     def generate(self, settings: GenerationSettings, *, callback=None, progress=False, save_path=None,
-                 latents: torch.Tensor | None = None, start_step: int = 0) -> GenerationOutput:
+                 latents: torch.Tensor | None = None, start_step: int = 0, state_dir=None) -> GenerationOutput:
         """Run one `GenerationSettings` (e.g. read back from a settings.json): the same settings give the
-        same video. ``latents``/``start_step`` continue from a saved state."""
+        same video. ``latents``/``start_step`` continue from a saved state. ``save_path`` receives the
+        videos and settings.json; ``state_dir`` (default ``save_path``) the Ctrl-C / NaN state files."""
         s = settings
         check_video_size(s.height, s.width)
         if len(s.seeds) != len(s.prompt):
@@ -474,7 +477,8 @@ class HunyuanVideoPipeline:
         latents = self.denoise(latents, text, mask, pooled, num_inference_steps=s.num_inference_steps,
                                guidance_scale=s.guidance_scale, embedded_guidance_scale=s.embedded_guidance_scale,
                                flow_shift=s.flow_shift, flow_reverse=s.flow_reverse, callback=callback,
-                               start_step=start_step, progress=progress, save_dir=save_path,
+                               start_step=start_step, progress=progress,
+                               save_dir=state_dir if state_dir is not None else save_path,
                                settings=s.to_dict(), prompts=s.prompt)
         timings["denoising_s"] = time.perf_counter() - t0
         timings["steps_run"] = s.num_inference_steps - start_step
@@ -506,7 +510,7 @@ def random_pipeline(preset: str = "tiny", seed: int = 0, device="cpu", dtype=tor
         defaults = dict(height=64, width=64, video_length=9, num_inference_steps=4, guidance_scale=1.0,
                         embedded_guidance_scale=6.0, flow_shift=5.0, flow_reverse=True, fps=8, negative_prompt="")
     elif preset == "toy":
-        from .toy.model import TOY_DEFAULTS, TOY_DIT_CONFIG, toy_vae_config
+        from .toy.model import TOY_DEFAULTS, TOY_DIT_CONFIG, build_text_encoders, toy_vae_config
 
         dit_cfg, vae_cfg, defaults = TOY_DIT_CONFIG, toy_vae_config(), dict(TOY_DEFAULTS)
     else:
@@ -515,10 +519,13 @@ def random_pipeline(preset: str = "tiny", seed: int = 0, device="cpu", dtype=tor
         torch.manual_seed(seed)
         dit = randomize_weights_(HYVideoDiffusionTransformer(dit_cfg), seed=seed)
         vae = AutoencoderKLCausal3D(vae_cfg)
-    llm = tiny_llm_encoder(load_toy_tokenizer(), hidden=dit_cfg.text_states_dim, layers=2, heads=2, seed=seed + 1,
-                           max_length=32)
-    clip = tiny_clip_encoder(load_toy_tokenizer(kind="clip"), hidden=dit_cfg.text_states_dim_2, layers=1,
-                             heads=2, seed=seed + 2, max_length=77)
+    if preset == "toy":
+        llm, clip = build_text_encoders()  # the toy's own (fixed) text encoders
+    else:  # 3 layers, so the official "skip the last 2" picks layer 1
+        llm = tiny_llm_encoder(load_toy_tokenizer(), hidden=dit_cfg.text_states_dim, layers=3, heads=2,
+                               seed=seed + 1, max_length=32)
+        clip = tiny_clip_encoder(load_toy_tokenizer(kind="clip"), hidden=dit_cfg.text_states_dim_2, layers=1,
+                                 heads=2, seed=seed + 2, max_length=77)
     for m in (dit, vae, llm, clip):
         m.to(device=device, dtype=dtype).eval().requires_grad_(False)
     return HunyuanVideoPipeline(dit, vae, llm, clip, defaults=defaults, device=device, dtype=dtype)

@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 
 from .checkpoint import load_into, load_state_dict_file
-from .vae_blocks import DownEncoderBlockCausal3D, UNetMidBlockCausal3D, UpDecoderBlockCausal3D, CausalConv3d
+from .vae_blocks import CausalConv3d, DownEncoderBlockCausal3D, UNetMidBlockCausal3D, UpDecoderBlockCausal3D, silu
 from .vae_tiling import TilingConfig, decode_axes, encode_axes, run_tiled
 from .video import nearest_valid
 
@@ -40,7 +40,7 @@ class VAEConfig:
     block_out_channels: tuple[int, ...] = (128, 256, 512, 512)  # width of each encoder block (decoder reversed)
     layers_per_block: int = 2  # resnets per encoder block; decoder blocks have one more
     norm_num_groups: int = 32  # GroupNorm groups everywhere (eps 1e-6)
-    temporal_compression_ratio: int = 4  # frames 4k + 1 -> k + 1 latent frames ("4" of 884); release key time_compression_ratio
+    temporal_compression_ratio: int = 4  # 4k + 1 frames -> k + 1 latent frames (release key: time_compression_ratio)
     spatial_compression_ratio: int = 8  # pixels per latent along H and W ("88" of 884)
     mid_block_add_attention: bool = True  # frame-causal single-head attention in both mid-blocks
     scaling_factor: float = 0.476986  # latents * scaling_factor ~ unit variance for the DiT (no shift)
@@ -49,7 +49,7 @@ class VAEConfig:
 
 
 VAE_884_16C_HY_CONFIG = VAEConfig()
-# Tests: 8x space and 4x time like the release, ~40k parameters; runs 9x32x32 videos in milliseconds.
+# Tests: 8x space and 4x time like the release, 252k parameters; a 9x32x32 video round trip takes ~40 ms on a CPU.
 TINY_VAE_CONFIG = VAEConfig(block_out_channels=(8, 16, 16, 16), layers_per_block=1, norm_num_groups=4)
 VAE_PRESETS = {"884-16c-hy": VAE_884_16C_HY_CONFIG, "tiny": TINY_VAE_CONFIG}
 
@@ -58,8 +58,9 @@ def sampling_schedule(num_blocks: int, spatial_ratio: int, temporal_ratio: int) 
     """(time factor, space factor) of the resampler after encoder block i; decoder block i uses the same list.
 
     Space is halved in the first log2(spatial) blocks; time in the log2(temporal) blocks before the last one.
-    Release (4 blocks, 8x, 4x): [(1, 2), (2, 2), (2, 2), (1, 1)]. The decoder's block 0 (lowest resolution)
-    doubles space only, so its first latent frame is never stretched in time.
+    Release (4 blocks, 8x, 4x): [(1, 2), (2, 2), (2, 2), (1, 1)]. Because the decoder indexes the same list
+    (block 0 = lowest resolution), it is not an exact mirror: it doubles space only in block 0 and time in blocks
+    1-2, one block later (at higher resolution) than reversing the encoder would.
     """
     ns, nt = int(math.log2(spatial_ratio)), int(math.log2(temporal_ratio))
     if 2**ns != spatial_ratio or 2**nt != temporal_ratio or ns > num_blocks or nt > num_blocks - 1:
@@ -71,7 +72,8 @@ def sampling_schedule(num_blocks: int, spatial_ratio: int, temporal_ratio: int) 
 
 class DiagonalGaussianDistribution:
     """The posterior N(mean, exp(logvar)) from the encoder's 2 * latent_channels moments (logvar clamped to
-    [-30, 20], as the release). `kl` sums over every non-batch dimension."""
+    [-30, 20], as the release). `kl` sums over every non-batch dimension (diffusers' copy sums dims 1-3 only,
+    a leftover from 4-D image latents)."""
 
     def __init__(self, moments: torch.Tensor):  # (B, 2 * C, T, h, w)
         self.moments = moments
@@ -105,15 +107,14 @@ class EncoderCausal3D(nn.Module):
         )
         self.mid_block = UNetMidBlockCausal3D(ch[-1], g, cfg.mid_block_add_attention)
         self.conv_norm_out = nn.GroupNorm(g, ch[-1], eps=1e-6)
-        self.conv_act = nn.SiLU()
         self.conv_out = CausalConv3d(ch[-1], 2 * cfg.latent_channels, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 3, 4k+1, H, W) -> (B, 2C, k+1, H/8, W/8)
         x = self.conv_in(x)
-        for block in self.down_blocks:
-            x = block(x)
+        for layer in _layers(self.down_blocks, "downsamplers"):
+            x = layer(x)
         x = self.mid_block(x)
-        return self.conv_out(self.conv_act(self.conv_norm_out(x)))
+        return self.conv_out(silu(self.conv_norm_out(x)))
 
 
 class DecoderCausal3D(nn.Module):
@@ -131,14 +132,22 @@ class DecoderCausal3D(nn.Module):
         )
         self.mid_block = UNetMidBlockCausal3D(ch[0], g, cfg.mid_block_add_attention)
         self.conv_norm_out = nn.GroupNorm(g, ch[-1], eps=1e-6)
-        self.conv_act = nn.SiLU()
         self.conv_out = CausalConv3d(ch[-1], cfg.out_channels, 3)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:  # (B, C, k+1, h, w) -> (B, 3, 4k+1, 8h, 8w)
         x = self.mid_block(self.conv_in(z))
-        for block in self.up_blocks:
-            x = block(x)
-        return self.conv_out(self.conv_act(self.conv_norm_out(x)))
+        for layer in _layers(self.up_blocks, "upsamplers"):
+            x = layer(x)
+        return self.conv_out(silu(self.conv_norm_out(x)))
+
+
+def _layers(blocks: nn.ModuleList, resampler: str):
+    """The resnets and resamplers of all blocks, in order. Looping over these rather than calling each block keeps
+    no block input alive after its first resnet: at a 256 px decoder tile that input is 2 GB (fp16) of upsampled
+    activation, otherwise held by the caller through the block's remaining resnets."""
+    for block in blocks:
+        yield from block.resnets
+        yield from getattr(block, resampler) or []
 
 
 class AutoencoderKLCausal3D(nn.Module):
@@ -161,8 +170,9 @@ class AutoencoderKLCausal3D(nn.Module):
         if dtype is not None:
             self.to(dtype)
         self.use_tiling = False
-        self.tiling = TilingConfig.from_sample_sizes(config.sample_size, config.sample_tsize, 0.25,
-                                                     config.spatial_compression_ratio, config.temporal_compression_ratio)
+        self.tiling = TilingConfig.from_sample_sizes(
+            config.sample_size, config.sample_tsize, 0.25, config.spatial_compression_ratio,
+            config.temporal_compression_ratio)
         self.encode_tile_calls = 0
         self.decode_tile_calls = 0
 

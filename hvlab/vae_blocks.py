@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from einops import rearrange
 
 
-def _silu(x: torch.Tensor) -> torch.Tensor:
-    # In place when no graph is recorded (decoding at 720p): saves one activation-sized tensor per call.
+def silu(x: torch.Tensor) -> torch.Tensor:
+    """SiLU, in place when no graph is recorded (decoding at 720p): one activation-sized tensor less per call."""
     return F.silu(x, inplace=not torch.is_grad_enabled())
 
 
@@ -81,8 +81,8 @@ class ResnetBlockCausal3D(nn.Module):
         self.conv_shortcut = CausalConv3d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C_in, T, H, W) -> (B, C_out, T, H, W)
-        h = self.conv1(_silu(self.norm1(x)))
-        h = self.conv2(_silu(self.norm2(h)))
+        h = self.conv1(silu(self.norm1(x)))
+        h = self.conv2(silu(self.norm2(h)))
         skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
         return h.add_(skip)  # in place on the conv output: nothing saved for backward is overwritten
 
@@ -128,9 +128,8 @@ class DownEncoderBlockCausal3D(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, num_layers: int, groups: int, factors: tuple[int, int]):
         super().__init__()
-        self.resnets = nn.ModuleList(
-            ResnetBlockCausal3D(in_channels if i == 0 else out_channels, out_channels, groups) for i in range(num_layers)
-        )
+        self.resnets = nn.ModuleList(ResnetBlockCausal3D(in_channels if i == 0 else out_channels, out_channels, groups)
+                                     for i in range(num_layers))
         self.downsamplers = nn.ModuleList([DownsampleCausal3D(out_channels, factors)]) if max(factors) > 1 else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -146,9 +145,8 @@ class UpDecoderBlockCausal3D(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, num_layers: int, groups: int, factors: tuple[int, int]):
         super().__init__()
-        self.resnets = nn.ModuleList(
-            ResnetBlockCausal3D(in_channels if i == 0 else out_channels, out_channels, groups) for i in range(num_layers)
-        )
+        self.resnets = nn.ModuleList(ResnetBlockCausal3D(in_channels if i == 0 else out_channels, out_channels, groups)
+                                     for i in range(num_layers))
         self.upsamplers = nn.ModuleList([UpsampleCausal3D(out_channels, factors)]) if max(factors) > 1 else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

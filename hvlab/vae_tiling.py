@@ -5,7 +5,7 @@ A 720x1280x129 video does not fit through the VAE at once (one decoder activatio
 cross-fades the overlaps linearly:
 
 - space: tiles of 32 latents (256 px) every 24 latents (192 px); the 8 overlapping latents become 64 px
-  of blend. Spatial tiling starts once a side exceeds the tile.
+  of blend. Spatial tiling starts once a side exceeds the tile, and then applies to both sides.
 - time: tiles of 16 + 1 latent frames every 12. The extra leading frame is causal context: tile k > 0 starts on
   the last frame it shares with tile k - 1, and that frame's output (decoded as if it were frame 0) is dropped.
   The 4 remaining shared latent frames become 16 blended video frames.
@@ -65,16 +65,18 @@ def _tile_latents(name: str, size: int, ratio: int, overlap: float, unit: str) -
 
     if not ok(size):
         lo = next((s for s in range(size - 1, 0, -1) if ok(s)), None)
-        hi = next(s for s in range(max(size + 1, ratio), size + 64 * ratio) if ok(s))
-        nearest = f"{lo} or {hi}" if lo else f"{hi}"
+        hi = next((s for s in range(size + 1, 2 * size + 64 * ratio) if ok(s)), None)
+        nearest = " or ".join(str(s) for s in (lo, hi) if s) or "none nearby (try tile_overlap_factor=0.25)"
         raise ValueError(f"{name} must be a multiple of {ratio} {unit} whose overlap ({overlap} x {name} / {ratio}) "
                          f"is a whole number of latents; got {size}, nearest valid: {nearest}")
     return size // ratio
 
 
-def spatial_tiles(length: int, tile: int, stride: int) -> list[tuple[int, int]]:
-    """(start, end) tiles along one spatial axis: one tile if it fits, else one every ``stride``, clipped."""
-    if length <= tile:
+def spatial_tiles(length: int, tile: int, stride: int, tiled: bool = True) -> list[tuple[int, int]]:
+    """(start, end) tiles along one spatial axis: one tile every ``stride``, clipped at the end; one tile if not
+    ``tiled``. As in the release, once either side exceeds the tile *both* sides are tiled this way, so a side that
+    fits but exceeds the stride still gets a thin second tile (e.g. 32 latents: 0..32 and 24..32)."""
+    if not tiled:
         return [(0, length)]
     return [(s, min(s + tile, length)) for s in range(0, length, stride)]
 
@@ -83,7 +85,8 @@ def temporal_tiles(length: int, tile: int, stride: int) -> list[tuple[int, int]]
     """(start, end) tiles of ``tile + 1`` frames along time, one every ``stride``; one tile if ``length <= tile``.
 
     A last tile of a single frame would be empty once its context frame is dropped, and the tile before already
-    reaches the end: it is skipped (the release's later fix; its first version decoded it for nothing).
+    reaches the end: it is skipped, as the release's current code does (diffusers' port decodes it, then drops
+    all of its output).
     """
     if length <= tile:
         return [(0, length)]
@@ -109,7 +112,8 @@ def decode_axes(latent_shape, tiling: TilingConfig, spatial_ratio: int = 8, temp
     """The (time, height, width) `AxisTiles` for decoding a latent of shape (T, h, w)."""
     T, h, w = latent_shape
     t = temporal_tiles(T, tiling.tile_latent_frames, tiling.tile_latent_stride_frames)
-    spatial = [spatial_tiles(n, tiling.tile_latent_size, tiling.tile_latent_stride) for n in (h, w)]
+    tiled = max(h, w) > tiling.tile_latent_size
+    spatial = [spatial_tiles(n, tiling.tile_latent_size, tiling.tile_latent_stride, tiled) for n in (h, w)]
     blend_s = spatial_ratio * (tiling.tile_latent_size - tiling.tile_latent_stride)
     return (AxisTiles(t, [0] + [1 + temporal_ratio * s for s, _ in t[1:]],
                       temporal_ratio * (tiling.tile_latent_frames - tiling.tile_latent_stride_frames)),
@@ -119,13 +123,14 @@ def decode_axes(latent_shape, tiling: TilingConfig, spatial_ratio: int = 8, temp
 def encode_axes(sample_shape, tiling: TilingConfig, spatial_ratio: int = 8, temporal_ratio: int = 4):
     """The (time, height, width) `AxisTiles` for encoding a video of shape (F, H, W) (F = 4k + 1)."""
     Fr, H, W = sample_shape
-    t = temporal_tiles(Fr, temporal_ratio * tiling.tile_latent_frames, temporal_ratio * tiling.tile_latent_stride_frames)
+    t = temporal_tiles(Fr, temporal_ratio * tiling.tile_latent_frames,
+                       temporal_ratio * tiling.tile_latent_stride_frames)
     tile_px, stride_px = spatial_ratio * tiling.tile_latent_size, spatial_ratio * tiling.tile_latent_stride
-    spatial = [spatial_tiles(n, tile_px, stride_px) for n in (H, W)]
+    spatial = [spatial_tiles(n, tile_px, stride_px, max(H, W) > tile_px) for n in (H, W)]
+    blend_s = tiling.tile_latent_size - tiling.tile_latent_stride
     return (AxisTiles(t, [0] + [s // temporal_ratio + 1 for s, _ in t[1:]],
                       tiling.tile_latent_frames - tiling.tile_latent_stride_frames),
-            *(AxisTiles(tiles, [s // spatial_ratio for s, _ in tiles], tiling.tile_latent_size - tiling.tile_latent_stride)
-              for tiles in spatial))
+            *(AxisTiles(tiles, [s // spatial_ratio for s, _ in tiles], blend_s) for tiles in spatial))
 
 
 def tile_plan(latent_shape, tile_latent_size: int = 32, tile_latent_stride: int = 24, tile_latent_frames: int = 16,
@@ -175,9 +180,9 @@ def run_tiled(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, axes,
                 if k > 0:
                     y = y[:, :, 1:]  # output of the shared context frame: tile k - 1 already holds it
                 cur_t = y.shape[2]
-                if i > 0:
+                if i > 0 and ah.blend:
                     _ramp_in(y, above[j], ah.blend, dim=3)
-                if j > 0:
+                if j > 0 and aw.blend:
                     _ramp_in(y, left, aw.blend, dim=4)
                 if ah.blend:
                     above[j] = y[:, :, :, -ah.blend:].clone()

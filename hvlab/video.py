@@ -27,8 +27,9 @@ def latent_frames(video_length: int, temporal_compression_ratio: int = 4) -> int
     """Latent frames for a video of ``video_length`` = 4k + 1 frames: k + 1 (129 -> 33)."""
     r = temporal_compression_ratio
     if video_length < 1 or (video_length - 1) % r:
-        raise ValueError(f"video_length must be {r}k+1 (the causal VAE keeps frame 0 alone, then groups of {r}); "
-                         f"got {video_length}, nearest valid: {nearest_valid(video_length, r, offset=1)}")
+        raise ValueError(f"video_length must be {r}k+1; got {video_length}, nearest valid: "
+                         f"{nearest_valid(video_length, r, offset=1)} (the causal VAE keeps frame 0 alone, "
+                         f"then compresses groups of {r})")
     return (video_length - 1) // r + 1
 
 

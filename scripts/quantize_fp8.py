@@ -22,7 +22,8 @@ from hvlab.fp8 import FP8_DTYPE, save_fp8_checkpoint  # noqa: E402
 
 def main(argv: list[str] | None = None) -> tuple[str, str]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("checkpoint", help="bf16 mp_rank_00_model_states.pt (weights under 'module'), safetensors, or a folder")
+    p.add_argument("checkpoint",
+                   help="bf16 mp_rank_00_model_states.pt (weights under 'module'), safetensors, or a folder")
     p.add_argument("--out", required=True, help="folder for the FP8 pair")
     p.add_argument("--per-channel", action="store_true",
                    help="one scale per output row (an hvlab extension; the official loader reads per-tensor only)")
@@ -30,7 +31,8 @@ def main(argv: list[str] | None = None) -> tuple[str, str]:
 
     sd = load_state_dict_file(args.checkpoint)
     ckpt, smap = save_fp8_checkpoint(sd, args.out, per_channel=args.per_channel)
-    n8 = sum(v.numel() for v in torch.load(ckpt, weights_only=True, mmap=True)["module"].values() if v.dtype == FP8_DTYPE)
+    written = torch.load(ckpt, weights_only=True, mmap=True)["module"]
+    n8 = sum(v.numel() for v in written.values() if v.dtype == FP8_DTYPE)
     total = sum(v.numel() for v in sd.values())
     n_layers = len(torch.load(smap, weights_only=True))
     print(f"{n_layers} layers in fp8 ({n8 / total:.1%} of {total:,} parameters)\n  {ckpt}\n  {smap}")

@@ -40,7 +40,7 @@ FRAMES, SIZE = 17, 128
 RADIUS_RANGE = (18.0, 24.0)  # px; the object's half-extent (a 40-48 px object covers 5-6 latent cells)
 SPEED_RANGE = (2.5, 4.0)  # px per frame
 MARGIN = 1.0  # px kept clear between the object (plus its half-pixel anti-aliased rim) and the border
-SQUARE_HALF_SIDE = 0.9  # x radius: the square's area (3.24 r^2) is close to the circle's (3.14 r^2)
+SQUARE_HALF_SIDE = 0.9  # times the radius: the square's area (3.24 r^2) is close to the circle's (3.14 r^2)
 
 
 def _index(value, names: tuple[str, ...], what: str) -> int:
@@ -54,9 +54,17 @@ def _index(value, names: tuple[str, ...], what: str) -> int:
     return i
 
 
+_WHAT = ("colour", "shape", "direction")
+
+
+def _indices(colour, shape, direction) -> tuple[int, int, int]:
+    return tuple(_index(v, names, what) for v, names, what in zip((colour, shape, direction),
+                                                                  (COLOURS, SHAPES, DIRECTIONS), _WHAT))
+
+
 def caption(colour, shape, direction) -> str:
     """The prompt for one video, e.g. caption("red", "circle", "right") or caption(0, 0, 1)."""
-    c, s, d = _index(colour, COLOURS, "colour"), _index(shape, SHAPES, "shape"), _index(direction, DIRECTIONS, "direction")
+    c, s, d = _indices(colour, shape, direction)
     return f"a {COLOURS[c]} {SHAPES[s]} moving {DIRECTIONS[d]}"
 
 
@@ -65,7 +73,7 @@ def parse_caption(text: str) -> tuple[str, str, str]:
     words = text.strip().lower().split()
     if len(words) != 5 or words[0] != "a" or words[3] != "moving":
         raise ValueError(f"expected a caption of the form 'a <colour> <shape> moving <direction>', got {text!r}")
-    for word, names, what in zip(words[1:3] + words[4:], (COLOURS, SHAPES, DIRECTIONS), ("colour", "shape", "direction")):
+    for word, names, what in zip(words[1:3] + words[4:], (COLOURS, SHAPES, DIRECTIONS), _WHAT):
         if word not in names:
             raise ValueError(f"unknown {what} {word!r} in {text!r}; expected one of {', '.join(names)}")
     return words[1], words[2], words[4]
@@ -73,8 +81,7 @@ def parse_caption(text: str) -> tuple[str, str, str]:
 
 def split_of(colour, shape, direction) -> str:
     """"train" or "heldout" for one combination (names or indices)."""
-    t = (_index(colour, COLOURS, "colour"), _index(shape, SHAPES, "shape"), _index(direction, DIRECTIONS, "direction"))
-    return "heldout" if sum(t) % 4 == 0 else "train"
+    return "heldout" if sum(_indices(colour, shape, direction)) % 4 == 0 else "train"
 
 
 def _check_room(frames: int, size: int) -> None:
@@ -115,7 +122,8 @@ def sample_attributes(n: int, generator: torch.Generator | None = None, split: s
     a_lo = torch.where(sign > 0, lo, lo + travel)
     a_start = a_lo + (hi - lo - travel) * u[:, 3]
     p_start = lo + (hi - lo) * u[:, 4]
-    start_xy = torch.where((along == 0)[:, None], torch.stack([a_start, p_start], 1), torch.stack([p_start, a_start], 1))
+    start_xy = torch.where((along == 0)[:, None], torch.stack([a_start, p_start], 1),
+                           torch.stack([p_start, a_start], 1))  # (B, 2)
     out = dict(colour=combo[:, 0], shape=combo[:, 1], direction=combo[:, 2],
                radius=radius.float(), speed=speed.float(), start_xy=start_xy.float())
     return {k: v.to(device or gdev) for k, v in out.items()}
@@ -237,7 +245,8 @@ class SyntheticShapes(Dataset):
         if not -self.length <= i < self.length:
             raise IndexError(f"index {i} out of range for a dataset of {self.length} videos")
         i %= self.length
-        g = torch.Generator().manual_seed((self.seed % 2**31) * 2**32 + i)  # one stream per (seed, i)
+        # one stream per (seed, i); torch's CPU generator keeps only 32 bits of a seed, so mix them in
+        g = torch.Generator().manual_seed((self.seed * 0x9E3779B1 + i * 0x85EBCA77) % 2**32)
         videos, captions, attrs = sample_batch(1, g, self.split, "cpu", frames=self.frames, size=self.size)
         return dict(video=videos[0], caption=captions[0], **{k: v[0] for k, v in attrs.items()})
 

@@ -28,7 +28,7 @@ TOY_DIT_CONFIG = TOY_CONFIG  # defined beside the release preset in hvlab/model.
 
 # The VAE: 8x spatial and 4x temporal compression into 16 channels, as the release; narrower blocks.
 TOY_VAE_CONFIG = VAEConfig(
-    block_out_channels=(32, 64, 128, 128),  # release (128, 256, 512, 512)
+    block_out_channels=(32, 64, 64, 64),  # release (128, 256, 512, 512)
     layers_per_block=1,  # release 2
     norm_num_groups=8,  # release 32
     latent_channels=16,
@@ -36,7 +36,7 @@ TOY_VAE_CONFIG = VAEConfig(
 )
 
 # Text encoders (fixed random initialisation).
-TOY_LLM = dict(hidden=128, layers=4, heads=4, seed=1234, max_length=32)  # skip 2 -> layer-2 states
+TOY_LLM = dict(hidden=128, layers=4, heads=4, seed=1234, max_length=16)  # skip 2 -> layer-2 states
 TOY_CLIP = dict(hidden=64, layers=2, seed=4321, max_length=77)
 
 # Generation defaults that the toy was evaluated with (the model card lists the evaluation).

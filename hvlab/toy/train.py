@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..checkpoint import save_safetensors
+from ..checkpoint import load_state_dict_file, save_safetensors
 from ..model import HYVideoDiffusionTransformer
 from ..scheduler import sample_training_sigmas
 from ..vae import AutoencoderKLCausal3D
@@ -77,21 +77,29 @@ class Loop:
     def __init__(self, name, total, budget_min, warmup, base_lr, out, start=0, seconds=0.0):
         self.name, self.total, self.budget, self.warmup, self.base_lr = name, total, budget_min, warmup, base_lr
         self.step, self.t0 = start, time.perf_counter() - seconds
-        self.calib_at = start + 30 if budget_min and start == 0 else None
+        # the time budget is applied from the speed of steps 50..100 (after kernel warm-up)
+        self.calib = (start + 50, start + 100) if budget_min else None
+        self.t_mark = None
+        self.frozen = None  # seconds at the end of the phase
         self.log = Logger(out / f"{name}_loss.csv", ["step", "loss", "lr", "seconds"])
 
     @property
     def seconds(self):
-        return time.perf_counter() - self.t0
+        return self.frozen if self.frozen is not None else time.perf_counter() - self.t0
+
+    def finish(self):
+        self.frozen = time.perf_counter() - self.t0
 
     def lr(self):
         return lr_at(self.step, self.total, self.base_lr, self.warmup)
 
     def advance(self, loss: torch.Tensor, lr: float) -> None:
         self.step += 1
-        if self.step == self.calib_at:  # size the phase to its time budget from the first steps' speed
-            rate = self.seconds / self.step
-            self.total = max(self.step + 1, int(self.budget * 60 / rate))
+        if self.calib and self.step == self.calib[0]:
+            self.t_mark = self.seconds
+        if self.calib and self.step == self.calib[1]:  # size the phase to its time budget
+            rate = (self.seconds - self.t_mark) / (self.calib[1] - self.calib[0])
+            self.total = max(self.step + 1, self.step + int((self.budget * 60 - self.seconds) / rate))
             print(f"[{self.name}] {rate * 1000:.1f} ms/step -> {self.total} steps in {self.budget} min", flush=True)
         if self.step % 50 == 0 or self.step == self.total:
             self.log.log(step=self.step, loss=f"{loss.item():.5f}", lr=f"{lr:.2e}", seconds=f"{self.seconds:.1f}")
@@ -115,6 +123,8 @@ def set_lr(opt, lr):
 
 def train_vae(args, device, gen, state, out):
     vae = AutoencoderKLCausal3D(toy_vae_config()).to(device)
+    if args.init_from and "vae" not in state:  # warm start from exported weights (not optimizer state)
+        vae.load_state_dict({k: v.float() for k, v in load_state_dict_file(Path(args.init_from) / "vae.safetensors").items()})
     if "vae" in state:
         vae.load_state_dict(state["vae"])
     opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
@@ -139,6 +149,7 @@ def train_vae(args, device, gen, state, out):
         if loop.step % args.save_every == 0 or loop.done():
             save_state(out / "state.pt", dict(vae=vae.state_dict(), vae_opt=opt.state_dict(), vae_step=loop.step,
                                               vae_total=loop.total, vae_seconds=loop.seconds, gen=gen.get_state()))
+    loop.finish()
     return vae.eval().requires_grad_(False), loop
 
 
@@ -169,6 +180,8 @@ def train_dit(args, device, gen, state, out, vae):
     cap_ids = torch.tensor([captions.index(c) for c in pool_caps], device=device)
 
     dit = HYVideoDiffusionTransformer(TOY_DIT_CONFIG).to(device)
+    if args.init_from and "dit" not in state:
+        dit.load_state_dict({k: v.float() for k, v in load_state_dict_file(Path(args.init_from) / "dit.safetensors").items()})
     if "dit" in state:
         dit.load_state_dict(state["dit"])
     ema = copy.deepcopy(dit).requires_grad_(False)
@@ -212,6 +225,7 @@ def train_dit(args, device, gen, state, out, vae):
                 vae_total=state.get("vae_total"), vae_scaling_factor=scale, dit=dit.state_dict(),
                 ema=ema.state_dict(), dit_opt=opt.state_dict(), dit_step=loop.step, dit_total=loop.total,
                 dit_seconds=loop.seconds, gen=gen.get_state()))
+    loop.finish()
     return ema.eval(), llm, clip, scale, loop
 
 
@@ -231,7 +245,8 @@ def train(args) -> dict:
     summary = dict(
         command="python -m hvlab.toy.train " + " ".join(
             f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
-            if k not in ("resume", "out", "device", "vae_minutes", "dit_minutes", "vae_steps", "dit_steps")),
+            if k not in ("resume", "out", "device", "vae_minutes", "dit_minutes", "vae_steps", "dit_steps")
+            and v is not None),
         vae_steps=vloop.step, vae_seconds=round(vloop.seconds, 1), dit_steps=dloop.step,
         dit_seconds=round(dloop.seconds, 1), vae_scaling_factor=scale,
         device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", torch=torch.__version__,
@@ -292,6 +307,7 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true")
+    p.add_argument("--init-from", default=None, help="warm start: a folder of exported toy weights")
     p.add_argument("--vae-steps", type=int, default=3000)
     p.add_argument("--vae-minutes", type=float, default=None, help="size the VAE phase to this budget")
     p.add_argument("--vae-batch", type=int, default=8)
@@ -307,9 +323,64 @@ def main(argv=None):
     p.add_argument("--caption-dropout", type=float, default=0.1)
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--save-every", type=int, default=1000)
+    p.add_argument("--finetune-decoder", type=int, default=0, metavar="STEPS",
+                   help="only fine-tune the VAE decoder of --init-from's weights on full clips, writing to --out")
     args = p.parse_args(argv)
+    if args.finetune_decoder:
+        finetune_decoder(args.init_from, args.out, args.finetune_decoder, device=args.device)
+        return
     summary = train(args)
     print(json.dumps(summary, indent=2))
+
+
+
+def finetune_decoder(weights_dir: str, out_dir: str, steps: int, batch: int = 1, frames: int = 17,
+                     lr: float = 3e-4, seed: int = 1, device: str = "cpu", save_every: int = 10) -> None:
+    """Fine-tune only the VAE decoder (and post_quant_conv) on full-length clips; the encoder is frozen.
+
+    The encoder defines the latent space the DiT was trained in, so freezing it keeps the DiT valid,
+    while the decoder learns to decode clips as long as the ones the pipeline generates. (The shipped
+    toy needed this: its VAE had been trained on 5-frame clips, and its mid-block attention, causal
+    over frames, did not extrapolate to 5 latent frames.)
+    """
+    from ..vae import load_vae_checkpoint
+
+    wd, out = Path(weights_dir), Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = json.loads((wd / "config.json").read_text())
+    vae = AutoencoderKLCausal3D(toy_vae_config(meta["vae_scaling_factor"]))
+    src = out / "vae.safetensors" if (out / "vae.safetensors").exists() else wd / "vae.safetensors"
+    load_vae_checkpoint(vae, str(src))
+    vae.float().to(device)
+    vae.encoder.requires_grad_(False)
+    vae.quant_conv.requires_grad_(False)
+    params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    done = int(meta.get("decoder_finetune_steps", 0)) if src.parent == out else 0
+    gen = torch.Generator(device=device).manual_seed(seed + done)
+    log = Logger(out / "decoder_finetune_loss.csv", ["step", "loss", "lr", "seconds"])
+    t0 = time.perf_counter()
+    vae.decoder.train()
+    for step in range(done + 1, steps + 1):
+        videos, _, _ = data.sample_batch(batch, gen, split="train", device=device, frames=frames)
+        with torch.no_grad():
+            z = vae.encode(videos).mean
+        rec = vae.decode(z)
+        weight = 1.0 + 9.0 * (videos > -0.9).any(dim=1, keepdim=True).float()
+        err = rec - videos
+        loss = (weight * (err.abs() + err.square())).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        log.log(step=step, loss=f"{loss.item():.5f}", lr=f"{lr:.2e}", seconds=f"{time.perf_counter() - t0:.1f}")
+        if step % save_every == 0 or step == steps:
+            save_safetensors({k: v.half() for k, v in vae.state_dict().items()}, str(out / "vae.safetensors"))
+            meta["decoder_finetune_steps"] = step
+            meta.setdefault("training", {})["decoder_finetune"] = dict(
+                steps=step, batch=batch, frames=frames, lr=lr, device=device, seconds=round(time.perf_counter() - t0, 1))
+            (out / "config.json").write_text(json.dumps(meta, indent=2, default=str))
+            print(f"[decoder] step {step}/{steps} loss {loss.item():.4f} {time.perf_counter() - t0:.0f}s", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,338 @@
+"""The ``hvlab`` command: generate a video, describe a model, train or evaluate the toy model.
+
+    hvlab generate "a red circle moving right"                 # the shipped toy model, CPU, a few seconds
+    hvlab generate "a cat walks on the grass" --model-base ckpts --video-size 720 1280 --video-length 129 --fp8
+    hvlab generate --from-settings outputs/2025-01-01_12-00-00/settings.json   # the same video again
+    hvlab generate --resume outputs/.../interrupted.pt                          # finish a run stopped with Ctrl-C
+    hvlab info --model 13b
+    hvlab train-toy --out runs/toy        /  hvlab eval-toy --n 21
+
+Arguments keep the official sample_video.py names (--video-size, --infer-steps, --embedded-cfg-scale, ...).
+Imports are lazy so that ``hvlab --help`` is instant and the toy generation stays within seconds on a CPU.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+MODELS = ("toy", "toy-random", "tiny-random")
+DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+          "float16": "float16", "fp16": "float16"}
+STOPWORDS = {"a", "an", "the", "of", "and", "in", "on", "with", "to", "is", "are", "at", "by"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hvlab", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="text -> video (default: the shipped toy model)")
+    g.add_argument("prompt", nargs="?", help="the prompt (omit with --from-settings / --resume)")
+    g.add_argument("--model", default=None,
+                   help=f"'toy' (shipped weights), a folder of toy-format weights, or a random-weight model for "
+                        f"smoke tests: {MODELS[1:]} (default toy)")
+    g.add_argument("--model-base", default=None, help="release checkpoint folder (ckpts/ layout); overrides --model")
+    g.add_argument("--video-size", type=int, nargs=2, metavar=("H", "W"), default=None)
+    g.add_argument("--video-length", type=int, default=None, help="frames, 4k + 1 (release 129)")
+    g.add_argument("--infer-steps", type=int, default=None)
+    g.add_argument("--seed", type=int, default=None, help="video i uses seed + i (default: random, recorded)")
+    g.add_argument("--cfg-scale", type=float, default=None, help="true CFG scale (1.0 = off)")
+    g.add_argument("--embedded-cfg-scale", type=float, default=None, help="guidance for distilled models (release 6.0)")
+    g.add_argument("--flow-shift", type=float, default=None)
+    g.add_argument("--flow-reverse", action=argparse.BooleanOptionalAction, default=None)
+    g.add_argument("--neg-prompt", default=None, help="negative prompt (used with --cfg-scale > 1)")
+    g.add_argument("--num-videos", type=int, default=1, help="videos per prompt")
+    g.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    g.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="DiT dtype (default: bf16 for the release model on a GPU, else fp32)")
+    g.add_argument("--fp8", action="store_true", help="FP8 weights for the DiT blocks")
+    g.add_argument("--vae-tiling", action=argparse.BooleanOptionalAction, default=None,
+                   help="decode in overlapping tiles (default: on for the release model, whose 720p decode needs it)")
+    g.add_argument("--cpu-offload", action="store_true", help="keep text encoders and VAE on the CPU between uses")
+    g.add_argument("--record-attention", default=None, metavar="WORDS",
+                   help="comma-separated prompt words, or 'auto' (every word but articles): saves attention.png "
+                        "(maps of the first video, text token as key, mean over heads)")
+    g.add_argument("--attention-block", default="double:-1", help="block for --record-attention, e.g. double:1, single:0")
+    g.add_argument("--attention-step", type=int, default=None, help="step for --record-attention (default: the middle)")
+    g.add_argument("--preview-every", type=int, default=None, help="x0 preview every K steps (default: ~8 in all; 0: off)")
+    g.add_argument("--save-path", default=None, help="output folder (default outputs/<timestamp>/)")
+    g.add_argument("--gif", action=argparse.BooleanOptionalAction, default=None,
+                   help="also write video.gif (default: on for videos up to 256 x 256)")
+    g.add_argument("--resume", default=None, metavar="PATH", help="continue from an interrupted.pt / nan_step*.pt")
+    g.add_argument("--from-settings", default=None, metavar="JSON", help="regenerate the video of a settings.json")
+    g.add_argument("--quiet", action="store_true", help="no progress bars")
+    g.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: 1 for the toy/tiny models on a CPU, where thread "
+                        "synchronisation costs more than it gains on their small matrices; else torch's default)")
+
+    i = sub.add_parser("info", help="model structure (torchinfo) and parameter counts")
+    i.add_argument("--model", default="toy", choices=("toy", "13b", "tiny"))
+    i.add_argument("--depth", type=int, default=2, help="torchinfo depth")
+
+    for name, target in (("train-toy", "hvlab.toy.train"), ("eval-toy", "hvlab.toy.evaluate")):
+        t = sub.add_parser(name, help=f"forwards its arguments to python -m {target}", add_help=False)
+        t.add_argument("args", nargs=argparse.REMAINDER)
+    return p
+
+
+# ---- generate ------------------------------------------------------------------------------------
+
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _weights_note(model: str, model_base: str | None) -> str:
+    if model_base:
+        return f"release checkpoint in {Path(model_base).resolve()}"
+    if model in ("toy-random", "tiny-random"):
+        return f"random weights ({model.split('-')[0]} architecture, init seed 0)"
+    from .toy.model import WEIGHTS_DIR
+
+    folder = WEIGHTS_DIR if model == "toy" else Path(model)
+    return f"toy weights in {folder.resolve()}"
+
+
+def load_model(model: str = "toy", model_base: str | None = None, device: str | None = None, dtype: str | None = None,
+               fp8: bool = False, vae_tiling: bool | None = None, cpu_offload: bool = False):
+    """The pipeline the command line asks for (the run options are applied here)."""
+    import torch
+
+    device = device or _default_device()
+    vae_tiling = bool(model_base) if vae_tiling is None else vae_tiling
+    dt = getattr(torch, DTYPES[dtype]) if dtype else (torch.bfloat16 if device.startswith("cuda") and model_base
+                                                      else torch.float32)
+    if model_base:
+        from .pipeline import load_pipeline
+
+        return load_pipeline(model_base, device=device, dtype=dt, fp8=fp8, cpu_offload=cpu_offload,
+                             vae_tiling=vae_tiling)
+    if model in ("toy-random", "tiny-random"):
+        from .pipeline import random_pipeline
+
+        pipe = random_pipeline(model.split("-")[0], seed=0, device=device, dtype=dt)
+    else:
+        from .toy.model import WEIGHTS_DIR, load_toy
+
+        folder = WEIGHTS_DIR if model == "toy" else Path(model)
+        if not folder.is_dir():
+            raise SystemExit(f"--model must be one of {MODELS} or a folder of toy weights; {model!r} is neither")
+        try:
+            pipe = load_toy(device=device, dtype=dt, weights_dir=folder)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"{e} To try the pipeline without them: --model toy-random "
+                                    f"(the toy architecture with random weights).") from e
+        if pipe.latent_rgb_map is None and (folder / "config.json").exists():
+            pipe.latent_rgb_map = json.loads((folder / "config.json").read_text()).get("latent_to_rgb")
+    if cpu_offload:
+        pipe.enable_cpu_offload()
+    if vae_tiling:
+        pipe.enable_vae_tiling()
+    if fp8:
+        pipe.enable_fp8()
+    return pipe
+
+
+def _attention_words(spec: str, prompt: str) -> list[str]:
+    from .hooks import _WORD
+
+    words = [w.group() for w in _WORD.finditer(prompt)]
+    if spec == "auto":
+        return [w for w in words if w.lower() not in STOPWORDS and w.isalnum()]
+    asked = [w.strip() for w in spec.split(",") if w.strip()]
+    unknown = [w for w in asked if w not in words]
+    if unknown:
+        raise SystemExit(f"--record-attention words {unknown} are not in the prompt; its words are {words}")
+    return asked
+
+
+def _parse_block(spec: str) -> tuple[str, int]:
+    kind, _, idx = spec.partition(":")
+    if kind not in ("double", "single") or not idx.lstrip("-").isdigit():
+        raise SystemExit(f"--attention-block must look like double:1 or single:-1, got {spec!r}")
+    return kind, int(idx)
+
+
+def cmd_generate(args):
+    """Run ``hvlab generate``; returns (output folder, GenerationOutput)."""
+    import torch
+
+    from . import __version__
+    from .hooks import AttentionRecorder, LatentRecorder
+    from .pipeline import GenerationInterrupted, GenerationSettings, NonFiniteLatentsError, load_state
+
+    run = dict(model=args.model, model_base=args.model_base, device=args.device, dtype=args.dtype, fp8=args.fp8,
+               vae_tiling=args.vae_tiling, cpu_offload=args.cpu_offload)
+    settings, resume = None, None
+    if args.from_settings or args.resume:
+        saved = (json.loads(Path(args.from_settings).read_text()) if args.from_settings
+                 else load_state(args.resume)["settings"])
+        settings = GenerationSettings.from_dict(saved)
+        for k, v in (saved.get("run") or {}).items():  # the recorded run options, unless given again here
+            if k in run and run[k] in (None, False):
+                run[k] = v
+        resume = args.resume
+        if args.prompt is not None and args.prompt not in settings.prompt:
+            raise SystemExit(f"the saved settings are for {settings.prompt}, not {args.prompt!r}: drop the PROMPT")
+    elif not args.prompt:
+        raise SystemExit("hvlab generate needs a PROMPT (or --from-settings / --resume)")
+    run["model"] = run["model"] or "toy"
+    run["device"] = run["device"] or _default_device()
+    threads = args.threads or (1 if run["device"] == "cpu" and not run["model_base"] else None)
+    if threads:
+        torch.set_num_threads(threads)
+
+    t_start = time.perf_counter()
+    pipe = load_model(**run)
+    t_load = time.perf_counter() - t_start
+    if settings is None:
+        h, w = args.video_size or (None, None)
+        settings = pipe.settings_for(args.prompt, args.neg_prompt, height=h, width=w, video_length=args.video_length,
+                                     num_inference_steps=args.infer_steps, seed=args.seed,
+                                     guidance_scale=args.cfg_scale, embedded_guidance_scale=args.embedded_cfg_scale,
+                                     flow_shift=args.flow_shift, flow_reverse=args.flow_reverse,
+                                     num_videos_per_prompt=args.num_videos)
+    out_dir = Path(args.save_path or Path("outputs") / time.strftime("%Y-%m-%d_%H-%M-%S"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    n = settings.num_inference_steps
+    every = args.preview_every if args.preview_every is not None else max(1, -(-n // 8))
+    latent_rec = LatentRecorder(pipe, every=max(1, every), keep_latents=True) if every > 0 else None
+    att_rec, words = None, None
+    if args.record_attention:
+        words = _attention_words(args.record_attention, settings.prompt[0])
+        step = args.attention_step if args.attention_step is not None else n // 2
+        if not 0 <= step < n:
+            raise SystemExit(f"--attention-step must be in [0, {n - 1}] for {n} steps, got {step}")
+        att_rec = AttentionRecorder(pipe, steps=[step], blocks=[_parse_block(args.attention_block)],
+                                    reduce_heads="mean")
+    hooks = [h for h in (latent_rec, att_rec) if h is not None]
+    state = load_state(resume) if resume else None
+    info = dict(hvlab_version=__version__, torch_version=torch.__version__, run=run,
+                weights=_weights_note(run["model"], run["model_base"]), fps=pipe.defaults.get("fps", 24),
+                resumed_from=resume, command=["hvlab", *getattr(args, "argv", sys.argv[1:])])
+    try:
+        for h in hooks:
+            h.attach()
+        out = pipe.generate(settings, progress=not args.quiet, state_dir=out_dir,
+                            latents=state["latents"] if state else None, start_step=state["step"] if state else 0)
+    except GenerationInterrupted as e:
+        print(f"\ninterrupted before step {e.step}; saved {e.path}\nresume with: hvlab generate --resume {e.path}",
+              file=sys.stderr)
+        raise SystemExit(130)
+    except NonFiniteLatentsError as e:
+        raise SystemExit(f"error: {e}")
+    finally:
+        for h in hooks:
+            h.detach()
+    out.timings["load_s"] = t_load
+    files = _extras(out, out_dir, pipe, latent_rec, att_rec, words, args, info)
+    out.timings["total_s"] = time.perf_counter() - t_start
+    gif = args.gif if args.gif is not None else settings.height * settings.width <= 256 * 256
+    files = out.save(out_dir, fps=info["fps"], gif=gif, extra=dict(info, files=files)) + files
+    torch.save(out.latents, out_dir / "latents.pt")
+    return out_dir, out
+
+
+def _extras(out, out_dir: Path, pipe, latent_rec, att_rec, words, args, info: dict) -> list[str]:
+    """Previews, channel statistics and attention maps as PNGs; records what was made in ``info``."""
+    files = []
+    if latent_rec is not None and latent_rec.steps:
+        from .preview import fit_latent_to_rgb, latent_to_rgb
+        from .viz import channel_stats_plot, denoising_strip
+
+        rgb_map, source = pipe.latent_rgb_map, "the model's shipped latent_to_rgb map"
+        if rgb_map is None:  # no shipped map: fit one on this run's own (latent, video) pairs
+            rgb_map = fit_latent_to_rgb(out.latents, out.videos * 2 - 1)
+            source = "a 16->3 map least-squares fitted on this run's final latents and video"
+        previews = latent_to_rgb(latent_rec.x0.flatten(0, 1), rgb_map).unflatten(0, latent_rec.x0.shape[:2])
+        for b in range(previews.shape[1]):
+            suffix = "" if previews.shape[1] == 1 else f"_{b}"
+            fig = denoising_strip(previews[:, b], latent_rec.steps, latent_rec.sigmas,
+                                  title=f"predicted x0 at every {latent_rec.every}th step, video {b} ({source})")
+            fig.savefig(out_dir / f"previews{suffix}.png", dpi=100)
+            fig = channel_stats_plot(latent_rec.stats, latent_rec.steps, sample=b)
+            fig.savefig(out_dir / f"channel_stats{suffix}.png", dpi=100)
+            files += [str(out_dir / f"previews{suffix}.png"), str(out_dir / f"channel_stats{suffix}.png")]
+        info["previews"] = dict(every=latent_rec.every, steps=latent_rec.steps, rgb_map=source)
+    if att_rec is not None:
+        from .viz import attention_overlay
+
+        maps = att_rec.text_maps(sample=0)
+        words = [w for w in words if w in maps.labels]
+        fig = attention_overlay(out.videos[0], maps, labels=words)
+        fig.savefig(out_dir / "attention.png", dpi=100)
+        torch_save_maps(maps, out_dir / "attention.pt")
+        files += [str(out_dir / "attention.png"), str(out_dir / "attention.pt")]
+        info["attention"] = dict(words=words, steps=maps.steps, blocks=maps.blocks, heads=maps.heads,
+                                 direction=maps.direction, aggregation=maps.aggregation)
+    return files
+
+
+def torch_save_maps(maps, path) -> None:
+    import torch
+
+    torch.save(dict(maps=maps.maps, steps=maps.steps, blocks=[list(b) for b in maps.blocks], heads=maps.heads,
+                    labels=maps.labels, direction=maps.direction, aggregation=maps.aggregation, prompt=maps.prompt),
+               path)
+
+
+# ---- info ----------------------------------------------------------------------------------------
+
+def cmd_info(args) -> None:
+    import torch
+    from torchinfo import summary
+
+    from .model import HYVIDEO_T2_CONFIG, TINY_CONFIG, HYVideoDiffusionTransformer, params_count
+    from .toy.model import TOY_DIT_CONFIG, WEIGHTS_DIR
+    from .vae import VAE_884_16C_HY_CONFIG, AutoencoderKLCausal3D
+
+    configs = {"13b": HYVIDEO_T2_CONFIG, "toy": TOY_DIT_CONFIG, "tiny": TINY_CONFIG}
+    with torch.device("meta"):  # nothing is allocated: the 13B model is only shapes here
+        model = HYVideoDiffusionTransformer(configs[args.model])
+    print(summary(model, depth=args.depth, verbose=0, col_names=("num_params",)))
+    print("\nparams_count (the official grouping: double = qkv + proj + mlp of both streams, single = linear1 + linear2)")
+    rows = []
+    for name in ("13b", "toy"):
+        with torch.device("meta"):
+            counts = params_count(HYVideoDiffusionTransformer(configs[name]))
+        rows.append((name, counts))
+    keys = list(rows[0][1])
+    print(f"{'model':<6}" + "".join(f"{k:>18}" for k in keys))
+    for name, counts in rows:
+        print(f"{name:<6}" + "".join(f"{counts[k]:>18,}" for k in keys))
+    with torch.device("meta"):
+        vae = AutoencoderKLCausal3D(VAE_884_16C_HY_CONFIG)
+    print(f"\nrelease VAE (884-16c-hy): {sum(p.numel() for p in vae.parameters()):,} parameters")
+    have = (WEIGHTS_DIR / "dit.safetensors").exists()
+    print(f"toy weights: {'present' if have else 'absent'} in {WEIGHTS_DIR}")
+
+
+# ---- entry point ---------------------------------------------------------------------------------
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("train-toy", "eval-toy"):  # forwarded verbatim, --help included
+        if argv[0] == "train-toy":
+            from .toy.train import main as target
+        else:
+            from .toy.evaluate import main as target
+        target(argv[1:])
+        return 0
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.argv = argv
+    try:
+        if args.command == "generate":
+            out_dir, _ = cmd_generate(args)
+            print(out_dir)
+        elif args.command == "info":
+            cmd_info(args)
+    except (ValueError, FileNotFoundError, IndexError) as e:  # bad input: the message names the fix
+        parser.exit(2, f"hvlab {args.command}: error: {e}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,175 @@
+"""Pictures of a generation: frame grids, denoising strips, animations, attention overlays, channel statistics.
+
+Every function returns a ``matplotlib.figure.Figure`` built without pyplot, so it needs no display and never
+opens a window: return it from a notebook cell, or ``fig.savefig(path)``. Titles state every aggregation in
+the picture (over heads, steps, subword tokens) and where a map sits (step, block).
+
+Inputs follow hvlab's conventions: one video is (3, F, H, W) in [0, 1] (a row of
+``GenerationOutput.videos``) or uint8 (F, H, W, 3); heat maps are (T, H, W) on the post-patch token grid
+(see `hvlab.hooks.upsample_to_video` for the frame mapping).
+"""
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .hooks import AttentionMaps, upsample_to_video
+
+
+def _figure(w: float, h: float):
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(w, h), layout="constrained")
+
+
+def as_frames(video) -> np.ndarray:
+    """(3, F, H, W) float in [0, 1] or (F, H, W, 3) uint8 -> (F, H, W, 3) float32 numpy in [0, 1]."""
+    x = video.detach().cpu() if isinstance(video, torch.Tensor) else torch.as_tensor(np.asarray(video))
+    if x.dtype == torch.uint8 and x.dim() == 4 and x.shape[-1] == 3:
+        return x.float().numpy() / 255
+    if x.is_floating_point() and x.dim() == 4 and x.shape[0] == 3:
+        return x.float().clamp(0, 1).permute(1, 2, 3, 0).numpy()
+    raise ValueError(f"a video must be (3, F, H, W) float in [0, 1] or (F, H, W, 3) uint8, got {x.dtype} {tuple(x.shape)}")
+
+
+def pick_frames(num_frames: int, n: int = 8) -> list[int]:
+    """``n`` frame indices spread evenly from the first to the last frame."""
+    n = max(1, min(n, num_frames))
+    return sorted({round(i * (num_frames - 1) / max(1, n - 1)) for i in range(n)})
+
+
+def frame_grid(video, frames: Sequence[int] | None = None, ncols: int | None = None, title: str | None = None):
+    """Chosen frames of one video side by side (default 8 evenly spaced), each labelled with its index."""
+    f = as_frames(video)
+    frames = list(frames) if frames is not None else pick_frames(len(f))
+    ncols = ncols or len(frames)
+    nrows = -(-len(frames) // ncols)
+    fig = _figure(1.6 * ncols, 1.6 * nrows + 0.4)
+    axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
+    for ax in axes:
+        ax.axis("off")
+    for ax, i in zip(axes, frames):
+        ax.imshow(f[i], interpolation="nearest")
+        ax.set_title(f"frame {i}", fontsize=8)
+    fig.suptitle(title or f"{len(frames)} of {len(f)} frames", fontsize=10)
+    return fig
+
+
+def denoising_strip(previews: torch.Tensor, steps: Sequence[int], sigmas: Sequence[float] | None = None,
+                    latent_frames: Sequence[int] | None = None, title: str | None = None):
+    """How the predicted clean video x0 forms: one column per recorded step, one row per latent frame.
+
+    ``previews``: (S, 3, T, h, w) in [0, 1] for one video (e.g. ``LatentRecorder.previews[:, b]``).
+    """
+    p = previews.detach().float().cpu()
+    S, _, T = p.shape[:3]
+    rows = list(latent_frames) if latent_frames is not None else pick_frames(T, 3)
+    fig = _figure(1.2 * S + 0.6, 1.2 * len(rows) + 0.7)
+    axes = fig.subplots(len(rows), S, squeeze=False)
+    for r, t in enumerate(rows):
+        for c in range(S):
+            ax = axes[r, c]
+            ax.imshow(p[c, :, t].permute(1, 2, 0).numpy(), interpolation="nearest")
+            ax.set_xticks([]), ax.set_yticks([])
+            if r == 0:
+                label = f"step {steps[c]}" + (f"\nσ={sigmas[c]:.2f}" if sigmas is not None else "")
+                ax.set_title(label, fontsize=7)
+            if c == 0:
+                ax.set_ylabel(f"latent t={t}", fontsize=7)
+    fig.suptitle(title or "predicted x0 = x - σ·v at each recorded step (16→3 linear preview)", fontsize=10)
+    return fig
+
+
+def channel_stats_plot(stats: dict[str, torch.Tensor], steps: Sequence[int], sample: int = 0,
+                       names: Sequence[str] = ("x0_mean", "x0_std"), title: str | None = None):
+    """Per-channel statistics over the steps: one panel per statistic, one line per latent channel.
+
+    ``stats[name]`` is (S, B, C), as ``LatentRecorder.stats``; each value is a mean or std over (T, H, W).
+    """
+    fig = _figure(4.2 * len(names), 3.2)
+    axes = np.atleast_1d(fig.subplots(1, len(names)))
+    for ax, name in zip(axes, names):
+        values = stats[name][:, sample].numpy()  # (S, C)
+        for c in range(values.shape[1]):
+            ax.plot(steps, values[:, c], lw=1, label=f"c{c}")
+        ax.set_xlabel("denoising step")
+        kind, stat = name.rsplit("_", 1)
+        ax.set_title(f"{stat} of {kind} per channel (over T, H, W)", fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[-1].legend(fontsize=6, ncol=2, loc="center left", bbox_to_anchor=(1, 0.5))
+    fig.suptitle(title or f"latent channel statistics, video {sample}", fontsize=10)
+    return fig
+
+
+def heat_on_frames(video, heat: torch.Tensor) -> np.ndarray:
+    """Upsample one (T, H, W) heat map to the video's frames: (F, H_px, W_px) numpy (nearest)."""
+    f = as_frames(video)
+    return upsample_to_video(heat.float(), len(f), f.shape[1], f.shape[2]).numpy()
+
+
+def attention_overlay(video, maps: AttentionMaps, labels: Sequence[str] | None = None,
+                      frames: Sequence[int] | None = None, step=None, block=None, head=None, alpha: float = 0.55,
+                      cmap: str = "inferno", normalize: str = "per_map", title: str | None = None):
+    """Heat maps over decoded frames: one row per word (label), one column per frame.
+
+    ``normalize="per_map"`` scales each word's map to its own maximum over all frames (shapes are
+    comparable, magnitudes are not: the row label gives the maximum); ``"shared"`` uses one scale.
+    """
+    f = as_frames(video)
+    labels = list(labels) if labels is not None else list(maps.labels)
+    frames = list(frames) if frames is not None else pick_frames(len(f), 5)
+    heats = [heat_on_frames(video, maps.get(lab, step=step, block=block, head=head)) for lab in labels]
+    vmax_all = max(float(h.max()) for h in heats) or 1.0
+    fig = _figure(1.7 * len(frames) + 1.0, 1.7 * len(labels) + 0.9)
+    axes = fig.subplots(len(labels), len(frames), squeeze=False)
+    for r, (lab, h) in enumerate(zip(labels, heats)):
+        vmax = (float(h.max()) or 1.0) if normalize == "per_map" else vmax_all
+        for c, i in enumerate(frames):
+            ax = axes[r, c]
+            ax.imshow(f[i], interpolation="nearest")
+            ax.imshow(h[i], cmap=cmap, alpha=alpha, vmin=0, vmax=vmax, interpolation="nearest")
+            ax.set_xticks([]), ax.set_yticks([])
+            if r == 0:
+                ax.set_title(f"frame {i}", fontsize=8)
+            if c == 0:
+                ax.set_ylabel(f"{lab!r}\nmax {float(h.max()):.3f}", fontsize=8)
+    what = {"key": "attention of video tokens on each word (text as key)",
+            "query": "attention of each word over the video (text as query)",
+            "video_query": "attention of one video token over the video"}[maps.direction]
+    scale = "each row scaled to its max" if normalize == "per_map" else "one colour scale"
+    fig.suptitle(title or f"{what}\n{maps.describe(step, block, head)}; {scale}", fontsize=9)
+    return fig
+
+
+def save_animation(video, path: str | os.PathLike, fps: int = 8) -> str:
+    """Write one video as .mp4, .gif or .html (a self-contained player from matplotlib's to_jshtml)."""
+    path = os.fspath(path)
+    if path.lower().endswith(".html"):
+        with open(path, "w") as fh:
+            fh.write(animation_html(video, fps))
+        return path
+    from .video import save_video
+
+    return save_video((as_frames(video) * 255).round().astype(np.uint8), path, fps=fps)
+
+
+def animation_html(video, fps: int = 8, title: str | None = None) -> str:
+    """An HTML/JavaScript player for one video (works in notebooks and on a static docs site)."""
+    from matplotlib.animation import FuncAnimation
+
+    f = as_frames(video)
+    fig = _figure(3, 3.2)
+    ax = fig.subplots()
+    ax.axis("off")
+    im = ax.imshow(f[0], interpolation="nearest")
+    ax.set_title(title or "", fontsize=9)
+
+    def update(i):
+        im.set_data(f[i])
+        return (im,)
+
+    anim = FuncAnimation(fig, update, frames=len(f), interval=1000 / fps, blit=False)
+    return anim.to_jshtml(fps=fps, default_mode="loop")

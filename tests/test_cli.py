@@ -1,0 +1,122 @@
+"""The ``hvlab`` command line, run in-process on the tiny random-weight model (fast on a CPU)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from hvlab import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+TOY_WEIGHTS = ROOT / "hvlab" / "toy" / "weights" / "dit.safetensors"
+PROMPT = "a red circle moving right"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: under `pytest -n 2` on 2 cores, two threads per worker spin against each other
+    and small ops run ~10x slower. Restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def generate(*argv):
+    return cli.cmd_generate(cli.build_parser().parse_args(["generate", *argv, "--quiet"]))
+
+
+def test_generate_writes_the_video_settings_and_pictures_and_the_settings_reproduce_it(tmp_path):
+    out_dir, out = generate(PROMPT, "--model", "tiny-random", "--seed", "9", "--cfg-scale", "3", "--infer-steps", "4",
+                            "--record-attention", "auto", "--attention-block", "single:0", "--save-path",
+                            str(tmp_path / "a"))
+    names = set(os.listdir(out_dir))
+    assert {"video.mp4", "video.gif", "settings.json", "previews.png", "channel_stats.png", "attention.png",
+            "latents.pt"} <= names
+    s = json.loads((out_dir / "settings.json").read_text())
+    assert s["seeds"] == [9] and s["guidance_scale"] == 3.0 and s["num_inference_steps"] == 4
+    assert s["weights"].startswith("random weights") and s["run"]["model"] == "tiny-random"
+    assert s["attention"]["words"] == ["red", "circle", "moving", "right"]
+    assert s["attention"]["blocks"] == [["single", 0]] and s["attention"]["steps"] == [2]
+    assert "mean of heads" in s["attention"]["aggregation"]["heads"]
+    assert {"denoising_s", "decode_s", "total_s"} <= set(s["timings"]) and s["hvlab_version"]
+
+    again_dir, again = generate("--from-settings", str(out_dir / "settings.json"), "--save-path", str(tmp_path / "b"))
+    assert torch.equal(again.videos, out.videos)
+    assert torch.equal(torch.load(again_dir / "latents.pt"), torch.load(out_dir / "latents.pt"))
+
+
+def test_resume_from_an_interrupted_run_gives_the_uninterrupted_video(tmp_path):
+    from hvlab.pipeline import GenerationInterrupted, random_pipeline
+
+    full_dir, full = generate(PROMPT, "--model", "tiny-random", "--seed", "3", "--preview-every", "0",
+                              "--save-path", str(tmp_path / "full"))
+    pipe = random_pipeline("tiny")  # the same seeded weights the CLI builds
+
+    def stop(state):
+        if state.i == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(GenerationInterrupted) as err:
+        pipe(PROMPT, seed=3, callback=stop, save_path=tmp_path / "stopped")
+    state_file = err.value.path
+    # the interrupted file carries no "run" options: name the model again
+    _, resumed = generate("--resume", state_file, "--model", "tiny-random", "--save-path", str(tmp_path / "resumed"))
+    assert torch.equal(resumed.videos, full.videos)
+    assert json.loads((tmp_path / "resumed" / "settings.json").read_text())["resumed_from"] == state_file
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--video-length", "10"], "video_length must be 4k+1"),
+    (["--video-size", "64", "72"], "width must be a multiple of 16"),
+    (["--model-base", "/nonexistent/ckpts"], "not the HunyuanVideo release layout"),
+])
+def test_bad_input_exits_with_a_message_that_names_the_fix(argv, message, capsys, tmp_path):
+    with pytest.raises(SystemExit) as err:
+        cli.main(["generate", PROMPT, "--model", "tiny-random", "--quiet", "--save-path", str(tmp_path), *argv])
+    assert err.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_attention_words_must_be_in_the_prompt():
+    with pytest.raises(SystemExit, match=r"\['square'\] are not in the prompt"):
+        cli._attention_words("square", PROMPT)
+    assert cli._attention_words("auto", "the red circle, moving right") == ["red", "circle", "moving", "right"]
+
+
+def test_info_prints_the_13b_parameter_count(capsys):
+    cli.main(["info", "--model", "13b", "--depth", "1"])
+    out = capsys.readouterr().out
+    assert "12,821,012,544" in out  # the release's published count, from the model built on meta
+    assert "246,478,803" in out  # the release VAE
+
+
+def test_train_and_eval_toy_forward_their_arguments(monkeypatch):
+    import hvlab.toy.evaluate
+    import hvlab.toy.train
+
+    seen = {}
+    monkeypatch.setattr(hvlab.toy.train, "main", lambda argv: seen.setdefault("train", argv))
+    monkeypatch.setattr(hvlab.toy.evaluate, "main", lambda argv: seen.setdefault("eval", argv))
+    cli.main(["train-toy", "--out", "runs/x", "--dit-steps", "5"])
+    cli.main(["eval-toy", "--n", "3"])
+    assert seen == {"train": ["--out", "runs/x", "--dit-steps", "5"], "eval": ["--n", "3"]}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not TOY_WEIGHTS.exists(), reason="the trained toy weights are not in hvlab/toy/weights yet")
+def test_toy_generate_from_a_fresh_process_within_20_seconds(tmp_path):
+    t0 = time.perf_counter()
+    res = subprocess.run([sys.executable, "-m", "hvlab.cli", "generate", PROMPT, "--quiet", "--save-path", str(tmp_path)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    seconds = time.perf_counter() - t0
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip().splitlines()[-1] == str(tmp_path)  # prints the output folder
+    assert (tmp_path / "video.mp4").exists()
+    assert seconds <= 20, f"hvlab generate took {seconds:.1f} s (budget 20 s on a 2-core CPU)"

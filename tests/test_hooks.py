@@ -1,0 +1,290 @@
+"""Hooks: the attention recorder equals the explicit attention path, leaves the model as it found it, and
+its maps land on the right pixels; the latent recorder's x0 and previews obey the flow maths.
+
+Tolerances: the recorder and ``attention_explicit`` both compute in fp32 from the same q, k; they differ
+only in how the softmax is normalised (a chunked log-sum-exp vs ``softmax``), so they agree to ~1e-7
+absolute on probabilities <= 1; 1e-6 is asserted.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from hvlab.attention import attention, attention_explicit
+from hvlab.hooks import (AttentionRecorder, LatentRecorder, text_video_probs, token_words, upsample_to_video,
+                         video_query_probs)
+from hvlab.model import TINY_CONFIG, HYVideoDiffusionTransformer, randomize_weights_
+
+ATOL = 1e-6
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: under `pytest -n 2` on 2 cores, two threads per worker spin against each other
+    and small ops run ~10x slower. Restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _qk(B=3, L=40, nh=2, hd=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(B, L, nh, hd, generator=g) for _ in range(3)]
+
+
+@pytest.mark.parametrize("max_elements", [50, 2**26])  # many chunks of query rows / a single chunk
+def test_text_video_probs_equal_explicit_probabilities(max_elements):
+    q, k, v = _qk()
+    img_len, txt_lens = 30, torch.tensor([10, 4, 7])  # padded text: 10 slots, fewer real tokens in rows 1, 2
+    _, probs = attention_explicit(q, k, v, img_len=img_len, txt_lens=txt_lens)  # (B, nh, L, L)
+    for direction in ("key", "query"):
+        got = text_video_probs(q, k, img_len=img_len, txt_lens=txt_lens, direction=direction,
+                               max_elements=max_elements)  # (B, nh, n_txt, L_img)
+        for b, n in enumerate(txt_lens.tolist()):
+            ref = (probs[b, :, :img_len, img_len:img_len + n].transpose(1, 2) if direction == "key"
+                   else probs[b, :, img_len:img_len + n, :img_len])
+            torch.testing.assert_close(got[b, :, :n], ref, atol=ATOL, rtol=0)
+            assert torch.all(got[b, :, n:] == 0)  # padded text tokens get no map
+
+
+def test_video_query_probs_equal_explicit_rows():
+    q, k, v = _qk()
+    txt_lens = torch.tensor([10, 4, 7])
+    _, probs = attention_explicit(q, k, v, img_len=30, txt_lens=txt_lens)
+    got = video_query_probs(q, k, [0, 7, 29], img_len=30, txt_lens=txt_lens)
+    torch.testing.assert_close(got, probs[:, :, [0, 7, 29], :30], atol=ATOL, rtol=0)
+
+
+def _tiny_dit_inputs(B=2, T=2, H=8, W=6, L_txt=6, lens=(6, 3), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    c = TINY_CONFIG
+    x = torch.randn(B, c.in_channels, T, H, W, generator=g)
+    text = torch.randn(B, L_txt, c.text_states_dim, generator=g)
+    mask = (torch.arange(L_txt)[None] < torch.tensor(lens)[:, None]).long()
+    pooled = torch.randn(B, c.text_states_dim_2, generator=g)
+    guidance = torch.full((B,), 6016.0)
+    return x, torch.full((B,), 700.0), text, mask, pooled, guidance
+
+
+def _tiny_dit():
+    return randomize_weights_(HYVideoDiffusionTransformer(TINY_CONFIG), seed=1).eval()
+
+
+def test_recorder_inside_the_model_equals_explicit_path_and_keeps_the_output():
+    model = _tiny_dit()
+    x, t, text, mask, pooled, guidance = _tiny_dit_inputs()
+    with torch.no_grad():
+        plain = model(x, t, text, mask, pooled, guidance=guidance)
+    blocks = [("double", 0), ("single", 0)]
+    captured = {}
+
+    def explicit_capture(name):
+        def fn(q, k, v, *, img_len, txt_lens=None):
+            captured[name] = attention_explicit(q, k, v, img_len=img_len, txt_lens=txt_lens)[1]
+            return attention(q, k, v, img_len=img_len, txt_lens=txt_lens)
+        return fn
+
+    # the reference: explicit probabilities of the same forward, captured underneath the recorder
+    model.double_blocks[0].attn_fn = explicit_capture(("double", 0))
+    model.single_blocks[0].attn_fn = explicit_capture(("single", 0))
+    with AttentionRecorder(model, blocks=blocks, direction="both", query_tokens=[(1, 2, 2), 0]) as rec, \
+            torch.no_grad():
+        out = model(x, t, text, mask, pooled, guidance=guidance)
+    torch.testing.assert_close(out, plain, atol=0, rtol=0)  # the recorder never changes the output
+    T, H, W = model.grid_size(x.shape)
+    L_img = T * H * W
+    for block in blocks:
+        P = captured[block]  # (B, nh, L, L)
+        for b, n in enumerate(mask.sum(1).tolist()):
+            key = rec.text_maps(sample=b, direction="key", merge_words=False)
+            qry = rec.text_maps(sample=b, direction="query", merge_words=False)
+            j = key.blocks.index(block)
+            ref_key = P[b, :, :L_img, L_img:L_img + n].transpose(1, 2).reshape(-1, n, T, H, W)
+            ref_qry = P[b, :, L_img:L_img + n, :L_img].reshape(-1, n, T, H, W)
+            torch.testing.assert_close(key.maps[0, j], ref_key, atol=ATOL, rtol=0)
+            torch.testing.assert_close(qry.maps[0, j], ref_qry, atol=ATOL, rtol=0)
+            vq = rec.query_maps(sample=b).maps[0, j]  # (nh, 2, T, H, W)
+            flat = (1 * H + 2) * W + 2  # (t, h, w) = (1, 2, 2), t-major on the (T, H, W) grid
+            torch.testing.assert_close(vq[:, 0].flatten(1), P[b, :, flat, :L_img], atol=ATOL, rtol=0)
+            torch.testing.assert_close(vq[:, 1].flatten(1), P[b, :, 0, :L_img], atol=ATOL, rtol=0)
+
+
+def test_attn_fn_and_hooks_are_restored_on_exit_and_on_exception():
+    model = _tiny_dit()
+    before = [b.attn_fn for b in [*model.double_blocks, *model.single_blocks]]
+    with AttentionRecorder(model, blocks=[("double", 0), ("single", -1)]):
+        assert model.double_blocks[0].attn_fn is not before[0]
+    assert [b.attn_fn for b in [*model.double_blocks, *model.single_blocks]] == before
+    with pytest.raises(RuntimeError, match="boom"):
+        with AttentionRecorder(model, blocks=[("double", 0)]):
+            raise RuntimeError("boom")
+    assert [b.attn_fn for b in [*model.double_blocks, *model.single_blocks]] == before
+    assert not model._forward_pre_hooks  # the step counter's hook is gone too
+
+
+def test_bad_recorder_arguments_name_the_valid_range():
+    model = _tiny_dit()
+    with pytest.raises(IndexError, match=r"\[-1, 0\].*1 double-stream"):
+        AttentionRecorder(model, blocks=[("double", 3)])
+    with pytest.raises(ValueError, match="pairs"):
+        AttentionRecorder(model, blocks=["double0"])
+    with pytest.raises(IndexError, match=r"\[0, 1\]"):
+        AttentionRecorder(model, heads=[2])
+
+
+def test_head_and_step_means_equal_the_means_of_the_unreduced_maps_and_say_so():
+    model = _tiny_dit()
+    x, t, text, mask, pooled, guidance = _tiny_dit_inputs()
+    kw = dict(blocks=[("single", 0)], steps=[0, 2])
+    with AttentionRecorder(model, **kw) as full, AttentionRecorder(model, reduce_heads="mean",
+                                                                    reduce_steps="mean", **kw) as red, torch.no_grad():
+        for s in range(3):  # a bare model: one step per forward call; step 1 is not recorded
+            model(x, t * (1 - s / 3), text, mask, pooled, guidance=guidance)
+    a = full.text_maps(merge_words=False)
+    r = red.text_maps(merge_words=False)
+    assert a.steps == [0, 2] and r.steps == ["mean of steps 0, 2"]
+    assert r.heads == ["mean of heads 0, 1"] and r.aggregation["heads"] == "mean of heads 0, 1"
+    torch.testing.assert_close(r.maps[0, 0, 0], a.maps.mean(dim=(0, 2))[0], atol=ATOL, rtol=0)
+    torch.testing.assert_close(a.mean(["steps", "heads"]).maps, r.maps, atol=ATOL, rtol=0)
+    assert "mean of steps 0, 2" in a.mean("steps").describe(head=0)
+
+
+def test_token_words_merge_subword_tokens_of_the_real_llama3_tokenizer():
+    from hvlab.prompts import PROMPT_TEMPLATE, derive_crop_start
+    from hvlab.tokenizers import llama3_tokenizer
+
+    tok = llama3_tokenizer()
+    template = PROMPT_TEMPLATE["dit-llm-encode-video"]
+    enc = SimpleNamespace(tokenizer=tok, template=template, crop_start=derive_crop_start(tok, template), max_length=256)
+    prompt = "An unbelievably iridescent hummingbird, hovering."
+    words, word_of_token, tokens = token_words(enc, prompt)
+    assert words == ["An", "unbelievably", "iridescent", "hummingbird", ",", "hovering", "."]
+    assert len(word_of_token) > len(words)  # some words are several tokens
+    for w, word in enumerate(words):  # a word's tokens, decoded together, spell the word
+        ids = [tok.convert_tokens_to_ids(tokens[j]) for j, o in enumerate(word_of_token) if o == w]
+        assert tok.decode(ids).strip() == word
+    assert tokens[-1] == "<|eot_id|>" and word_of_token[-1] == -1
+
+
+def test_upsample_to_video_follows_the_causal_vae_frame_groups():
+    maps = torch.arange(3.0).view(3, 1, 1).expand(3, 2, 2)  # value = latent frame index
+    up = upsample_to_video(maps, video_length=9, height=16, width=16)  # (9, 16, 16)
+    # frame 0 alone in latent frame 0; frames 4k-3 .. 4k in latent frame k
+    assert up[:, 0, 0].tolist() == [0, 1, 1, 1, 1, 2, 2, 2, 2]
+    assert torch.equal(up[3, :8, :8], torch.ones(8, 8)) and up.shape == (9, 16, 16)
+
+
+# ---- with a pipeline --------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def pipe():
+    from hvlab.pipeline import random_pipeline
+
+    return random_pipeline("tiny", seed=0)
+
+
+def test_latent_recorder_x0_and_final_decode_obey_the_flow_maths(pipe):
+    from hvlab.preview import fit_latent_to_rgb, latent_to_rgb, video_on_latent_grid
+
+    with LatentRecorder(pipe, every=2, decode_every=3) as rec:
+        out = pipe("a red circle moving right", seed=1, num_inference_steps=5)
+    assert rec.steps == [0, 2, 4]  # every 2nd step, and always the last
+    assert rec not in pipe.hooks
+    # the last Euler step goes to sigma = 0, so it lands exactly on that step's predicted x0
+    torch.testing.assert_close(rec.x0[-1], out.latents, atol=1e-5, rtol=0)
+    torch.testing.assert_close(rec.latents[-1], out.latents, atol=0, rtol=0)
+    # stats are per-channel moments of what was recorded
+    torch.testing.assert_close(rec.stats["x0_mean"][1], rec.x0[1].mean(dim=(2, 3, 4)))
+    torch.testing.assert_close(rec.stats["latent_std"][0], rec.latents[0].std(dim=(2, 3, 4)))
+    # a true decode of the last x0 is the video itself
+    assert sorted(rec.decoded) == [0, 3, 4]
+    torch.testing.assert_close(rec.decoded[4], out.videos, atol=1e-5, rtol=0)
+    # a least-squares 16 -> 3 map (with bias) previews the final x0 at least as well as the mean colour
+    rgb_map = fit_latent_to_rgb(out.latents, out.videos * 2 - 1)
+    target = video_on_latent_grid(out.videos, out.latents.shape[2:])
+    preview = latent_to_rgb(rec.x0[-1], rgb_map)
+    baseline = target.mean(dim=(0, 2, 3, 4), keepdim=True)
+    assert (preview - target).square().mean() <= (baseline - target).square().mean() + 1e-6
+
+
+def test_recorder_with_a_pipeline_records_only_the_prompt_rows_at_the_chosen_step(pipe):
+    prompt = "a red circle moving right"
+    with AttentionRecorder(pipe, steps=[1], blocks=[("double", 0)]) as rec:
+        pipe(prompt, seed=0, num_inference_steps=3, guidance_scale=3.0, negative_prompt="")
+    maps = rec.text_maps()
+    assert maps.labels == ["a", "red", "circle", "moving", "right"] and maps.steps == [1]
+    assert maps.aggregation["words"] == "subword tokens summed per word"
+    assert rec.rows == [1]  # CFG batch is [negative, positive]: only the prompt's row is recorded
+    # text as key: a video query's weights on all real text tokens sum to at most 1 (the rest is on video keys)
+    total = rec.text_maps(merge_words=False).maps.sum(dim=3)
+    assert torch.all(total <= 1 + 1e-6) and torch.all(total > 0)
+    torch.testing.assert_close(maps.maps.sum(3), rec.text_maps(include_special=True).maps.sum(3) -
+                               rec.text_maps(merge_words=False).maps[:, :, :, -1:].sum(3))
+
+
+def test_figures_state_their_aggregation_and_the_explorer_only_indexes(pipe, tmp_path):
+    from hvlab.viz import attention_overlay, save_animation
+    from hvlab.widgets import attention_explorer
+
+    with AttentionRecorder(pipe, steps=[0, 1], blocks=[("double", 0), ("single", 0)]) as rec:
+        out = pipe("a red circle moving right", seed=0, num_inference_steps=2)
+    maps = rec.text_maps().mean("heads")
+    fig = attention_overlay(out.videos[0], maps, labels=["circle", "right"], step=1, block=("single", 0))
+    title = fig._suptitle.get_text()
+    for part in ("text as key", "step 1", "block single 0", "mean of heads 0, 1", "summed per word"):
+        assert part in title
+    assert "<script" in Path(save_animation(out.videos[0], tmp_path / "a.html", fps=4)).read_text()
+    pytest.importorskip("ipywidgets")
+    forwards = []
+    handle = pipe.transformer.register_forward_pre_hook(lambda *a: forwards.append(1))
+    try:
+        box = attention_explorer(maps, out.videos[0])
+        image, word = box.children[-1], box.children[1].children[0]
+        before = image.value
+        word.value = maps.labels.index("right")
+        assert image.value != before  # the picture follows the dropdown
+    finally:
+        handle.remove()
+    assert not forwards  # callbacks index precomputed maps; the model never runs
+
+
+# ---- acceptance with the trained toy model -----------------------------------------------------------
+
+TOY_WEIGHTS = Path(__file__).resolve().parents[1] / "hvlab" / "toy" / "weights" / "dit.safetensors"
+ACCEPT_BLOCK = ("double", 1)  # the block whose text-as-key map is checked
+ACCEPT_STEP = 10  # of the toy's 30 steps: the layout is decided by then
+ACCEPT_PROMPTS = ["a red circle moving right", "a green square moving left", "a blue triangle moving up",
+                  "a yellow circle moving down"]
+
+
+def shape_hit_rate(pipe, prompts, block, step, seed: int = 0) -> float:
+    """Fraction of frames (with an object) where the shape word's heat-map maximum lies in the object's mask."""
+    from hvlab.toy.detector import object_masks
+
+    with AttentionRecorder(pipe, steps=[step], blocks=[block], reduce_heads="mean") as rec:
+        out = pipe(prompts, seed=seed)
+    hits = total = 0
+    for b, prompt in enumerate(prompts):
+        shape_word = prompt.split()[2]
+        heat = rec.text_maps(sample=b).get(shape_word)  # (T, H, W) on the post-patch grid
+        frames = out.frames_uint8()[b]  # (F, H, W, 3)
+        masks = torch.as_tensor(object_masks(frames))  # (F, H, W)
+        up = upsample_to_video(heat, frames.shape[0], frames.shape[1], frames.shape[2])
+        for f in range(frames.shape[0]):
+            if masks[f].any():
+                total += 1
+                hits += bool(masks[f].flatten()[up[f].flatten().argmax()])
+    return hits / max(total, 1)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not TOY_WEIGHTS.exists(), reason="the trained toy weights are not in hvlab/toy/weights yet")
+def test_toy_shape_word_attention_peaks_on_the_shape():
+    from hvlab.toy.model import load_toy
+
+    rate = shape_hit_rate(load_toy(), ACCEPT_PROMPTS, ACCEPT_BLOCK, ACCEPT_STEP)
+    assert rate >= 0.8, f"shape word's attention peak inside the object in {rate:.0%} of frames (need 80%)"
