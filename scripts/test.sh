@@ -5,7 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
-export MPLBACKEND=Agg PYTHONHASHSEED=0 TOKENIZERS_PARALLELISM=false
+# two pytest workers on two cores: one torch thread each, or they oversubscribe the cores 4x
+export MPLBACKEND=Agg PYTHONHASHSEED=0 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=1
 python -m pytest -q -n 2 --dist loadfile tests "$@"
 if [ -z "${HVLAB_SKIP_NOTEBOOKS:-}" ] && ls notebooks/*.ipynb >/dev/null 2>&1; then
   python scripts/check_notebooks.py notebooks        # committed notebooks carry no outputs
