@@ -66,6 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CPU threads for torch (default: 1 for the toy/tiny models on a CPU, where thread "
                         "synchronisation costs more than it gains on their small matrices; else torch's default)")
 
+    g.add_argument("--ulysses-degree", type=int, default=1, metavar="N",
+                   help="sequence parallelism over N processes (GPUs): launch with torchrun --nproc_per_node N "
+                        "-m hvlab.cli generate ... --ulysses-degree N; every rank denoises, rank 0 alone decodes "
+                        "and writes the files (hvlab.parallel)")
+
     i = sub.add_parser("info", help="model structure (torchinfo) and parameter counts")
     i.add_argument("--model", default="toy", choices=("toy", "13b", "tiny"))
     i.add_argument("--depth", type=int, default=2, help="torchinfo depth")
@@ -183,6 +188,13 @@ def cmd_generate(args):
     threads = args.threads or (1 if run["device"] == "cpu" and not run["model_base"] else None)
     if threads:
         torch.set_num_threads(threads)
+    rank = 0
+    if args.ulysses_degree != 1:  # sequence parallel: see hvlab.parallel
+        if args.record_attention:
+            raise SystemExit("--record-attention needs the whole sequence in one process: drop --ulysses-degree")
+        from .parallel import init_ulysses_from_env
+
+        rank = init_ulysses_from_env(args.ulysses_degree, run["device"])
 
     t_start = time.perf_counter()
     pipe = load_model(**run)
@@ -194,6 +206,16 @@ def cmd_generate(args):
                                      guidance_scale=args.cfg_scale, embedded_guidance_scale=args.embedded_cfg_scale,
                                      flow_shift=args.flow_shift, flow_reverse=args.flow_reverse,
                                      num_videos_per_prompt=args.num_videos)
+    if args.ulysses_degree != 1:
+        from .parallel import broadcast_from_rank0, enable_ulysses
+
+        enable_ulysses(pipe)
+        settings = broadcast_from_rank0(settings)  # a randomly drawn seed must be rank 0's everywhere
+        if rank != 0:  # the same denoising loop (1/N of each step), no decode, no files
+            state = load_state(resume) if resume else None
+            pipe.generate(settings, latents=state["latents"] if state else None,
+                          start_step=state["step"] if state else 0)
+            return None, None
     out_dir = Path(args.save_path or Path("outputs") / time.strftime("%Y-%m-%d_%H-%M-%S"))
     out_dir.mkdir(parents=True, exist_ok=True)
     n = settings.num_inference_steps
@@ -326,7 +348,8 @@ def main(argv=None) -> int:
     try:
         if args.command == "generate":
             out_dir, _ = cmd_generate(args)
-            print(out_dir)
+            if out_dir is not None:  # None on sequence-parallel ranks other than 0
+                print(out_dir)
         elif args.command == "info":
             cmd_info(args)
     except (ValueError, FileNotFoundError, IndexError) as e:  # bad input: the message names the fix

@@ -11,6 +11,7 @@ Inputs follow hvlab's conventions: one video is (3, F, H, W) in [0, 1] (a row of
 from __future__ import annotations
 
 import os
+import textwrap
 from typing import Sequence
 
 import numpy as np
@@ -140,7 +141,9 @@ def attention_overlay(video, maps: AttentionMaps, labels: Sequence[str] | None =
             "query": "attention of each word over the video (text as query)",
             "video_query": "attention of one video token over the video"}[maps.direction]
     scale = "each row scaled to its max" if normalize == "per_map" else "one colour scale"
-    fig.suptitle(title or f"{what}\n{maps.describe(step, block, head)}; {scale}", fontsize=9)
+    width = max(40, int(11 * (1.7 * len(frames) + 1.0)))  # characters that fit across the figure
+    text = title or f"{what}\n" + textwrap.fill(f"{maps.describe(step, block, head)}; {scale}", width)
+    fig.suptitle(text, fontsize=9)
     return fig
 
 

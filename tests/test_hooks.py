@@ -234,7 +234,7 @@ def test_figures_state_their_aggregation_and_the_explorer_only_indexes(pipe, tmp
         out = pipe("a red circle moving right", seed=0, num_inference_steps=2)
     maps = rec.text_maps().mean("heads")
     fig = attention_overlay(out.videos[0], maps, labels=["circle", "right"], step=1, block=("single", 0))
-    title = fig._suptitle.get_text()
+    title = fig._suptitle.get_text().replace("\n", " ")
     for part in ("text as key", "step 1", "block single 0", "mean of heads 0, 1", "summed per word"):
         assert part in title
     assert "<script" in Path(save_animation(out.videos[0], tmp_path / "a.html", fps=4)).read_text()
@@ -255,30 +255,40 @@ def test_figures_state_their_aggregation_and_the_explorer_only_indexes(pipe, tmp
 # ---- acceptance with the trained toy model -----------------------------------------------------------
 
 TOY_WEIGHTS = Path(__file__).resolve().parents[1] / "hvlab" / "toy" / "weights" / "dit.safetensors"
-ACCEPT_BLOCK = ("double", 1)  # the block whose text-as-key map is checked
-ACCEPT_STEP = 10  # of the toy's 30 steps: the layout is decided by then
 ACCEPT_PROMPTS = ["a red circle moving right", "a green square moving left", "a blue triangle moving up",
                   "a yellow circle moving down"]
+# The block and step whose head-averaged text-as-key map is checked. Chosen with `shape_hit_rates` on 12
+# *other* prompts (every block, steps 0..29): with the toy weights of 26 Nov 07:37 the best was single block 3
+# at step 25 (0.50 there). Those weights give 0.60 on ACCEPT_PROMPTS: below the 0.8 the issue asks for. Their
+# text tokens' maps are ~identical (correlation >= 0.98) from double block 1 on, so no later block can be
+# word-specific. Re-select these two after retraining.
+ACCEPT_BLOCK = ("single", 3)
+ACCEPT_STEP = 25
 
 
-def shape_hit_rate(pipe, prompts, block, step, seed: int = 0) -> float:
-    """Fraction of frames (with an object) where the shape word's heat-map maximum lies in the object's mask."""
+def shape_hit_rates(pipe, prompts, blocks, steps, seed: int = 0) -> dict:
+    """{(block, step): fraction of frames (that show an object) where the shape word's heat-map maximum lies
+    inside the object's mask}. Maps: text token as key, mean over heads, upsampled to pixels (nearest;
+    latent frame k covers frames 4k-3 .. 4k). Masks: `hvlab.toy.detector.object_masks` on the decoded frames."""
     from hvlab.toy.detector import object_masks
 
-    with AttentionRecorder(pipe, steps=[step], blocks=[block], reduce_heads="mean") as rec:
+    with AttentionRecorder(pipe, steps=steps, blocks=blocks, reduce_heads="mean") as rec:
         out = pipe(prompts, seed=seed)
-    hits = total = 0
+    counts = {}
     for b, prompt in enumerate(prompts):
+        maps = rec.text_maps(sample=b)
         shape_word = prompt.split()[2]
-        heat = rec.text_maps(sample=b).get(shape_word)  # (T, H, W) on the post-patch grid
         frames = out.frames_uint8()[b]  # (F, H, W, 3)
         masks = torch.as_tensor(object_masks(frames))  # (F, H, W)
-        up = upsample_to_video(heat, frames.shape[0], frames.shape[1], frames.shape[2])
-        for f in range(frames.shape[0]):
-            if masks[f].any():
-                total += 1
-                hits += bool(masks[f].flatten()[up[f].flatten().argmax()])
-    return hits / max(total, 1)
+        for step in steps:
+            for block in blocks:
+                up = upsample_to_video(maps.get(shape_word, step=step, block=block), *frames.shape[:3])
+                c = counts.setdefault((block, step), [0, 0])
+                for f in range(frames.shape[0]):
+                    if masks[f].any():
+                        c[0] += bool(masks[f].flatten()[up[f].flatten().argmax()])
+                        c[1] += 1
+    return {key: hits / max(total, 1) for key, (hits, total) in counts.items()}
 
 
 @pytest.mark.slow
@@ -286,5 +296,6 @@ def shape_hit_rate(pipe, prompts, block, step, seed: int = 0) -> float:
 def test_toy_shape_word_attention_peaks_on_the_shape():
     from hvlab.toy.model import load_toy
 
-    rate = shape_hit_rate(load_toy(), ACCEPT_PROMPTS, ACCEPT_BLOCK, ACCEPT_STEP)
-    assert rate >= 0.8, f"shape word's attention peak inside the object in {rate:.0%} of frames (need 80%)"
+    rate = shape_hit_rates(load_toy(), ACCEPT_PROMPTS, [ACCEPT_BLOCK], [ACCEPT_STEP])[(ACCEPT_BLOCK, ACCEPT_STEP)]
+    assert rate >= 0.8, (f"the shape word's attention peaks inside the object in {rate:.0%} of frames at "
+                         f"{ACCEPT_BLOCK}, step {ACCEPT_STEP} (need 80%)")
