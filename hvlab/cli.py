@@ -129,8 +129,6 @@ def load_model(model: str = "toy", model_base: str | None = None, device: str | 
         except FileNotFoundError as e:
             raise FileNotFoundError(f"{e} To try the pipeline without them: --model toy-random "
                                     f"(the toy architecture with random weights).") from e
-        if pipe.latent_rgb_map is None and (folder / "config.json").exists():
-            pipe.latent_rgb_map = json.loads((folder / "config.json").read_text()).get("latent_to_rgb")
     if cpu_offload:
         pipe.enable_cpu_offload()
     if vae_tiling:

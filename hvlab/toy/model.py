@@ -94,4 +94,5 @@ def load_toy(device: str | torch.device = "cpu", dtype: torch.dtype = torch.floa
     for m in (dit, vae, llm, clip):
         m.to(device=device, dtype=dtype).eval().requires_grad_(False)
     defaults = dict(TOY_DEFAULTS, **meta.get("defaults", {}))
-    return HunyuanVideoPipeline(dit, vae, llm, clip, defaults=defaults, device=device, dtype=dtype)
+    return HunyuanVideoPipeline(dit, vae, llm, clip, defaults=defaults, device=device, dtype=dtype,
+                                latent_rgb_map=meta.get("latent_to_rgb"))
