@@ -293,6 +293,11 @@ def shape_hit_rates(pipe, prompts, blocks, steps, seed: int = 0) -> dict:
 
 @pytest.mark.slow
 @pytest.mark.skipif(not TOY_WEIGHTS.exists(), reason="the trained toy weights are not in hvlab/toy/weights yet")
+# Known failure of the shipped toy weights (issue 6 stays open on this point): measured 60% at
+# single block 3, step 25 (head mean) on these prompts; from double block 1 on, every text token's map is
+# nearly the same (correlation >= 0.98), so no block singles out the shape word. Needs a longer-trained
+# DiT (~4 GPU-minutes so far). strict=True: the day it passes, this marker must go.
+@pytest.mark.xfail(strict=True, reason="shipped toy DiT's attention is not word-selective yet (60% < 80%)")
 def test_toy_shape_word_attention_peaks_on_the_shape():
     from hvlab.toy.model import load_toy
 
