@@ -88,37 +88,9 @@ def measure(decode, z, warm_z, device, reset_count, get_count) -> dict:
 
 def meta_peak_GiB(model, z) -> float:
     """Peak bytes of live tensor storages while decoding z on the meta device (see --meta)."""
-    import weakref
+    from hvlab.memory import _LiveBytes
 
-    from torch.utils._python_dispatch import TorchDispatchMode
-    from torch.utils._pytree import tree_flatten
-
-    class Track(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.live = self.peak = 0
-            self.users, self.nbytes = {}, {}  # per storage: live tensors using it, its size
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            for t in tree_flatten(out)[0]:
-                if isinstance(t, torch.Tensor):
-                    key = t.untyped_storage()._cdata
-                    if key not in self.nbytes:
-                        self.nbytes[key], self.users[key] = t.untyped_storage().nbytes(), 0
-                        self.live += self.nbytes[key]
-                        self.peak = max(self.peak, self.live)
-                    self.users[key] += 1
-                    weakref.finalize(t, self.release, key)
-            return out
-
-        def release(self, key):
-            self.users[key] -= 1
-            if not self.users[key]:
-                self.live -= self.nbytes.pop(key)
-                del self.users[key]
-
-    track = Track()
+    track = _LiveBytes()
     with torch.inference_mode(), track:
         model.decode(z)
     return track.peak / 2**30

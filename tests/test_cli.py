@@ -18,16 +18,6 @@ TOY_WEIGHTS = ROOT / "hvlab" / "toy" / "weights" / "dit.safetensors"
 PROMPT = "a red circle moving right"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: under `pytest -n 2` on 2 cores, two threads per worker spin against each other
-    and small ops run ~10x slower. Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def generate(*argv):
     return cli.cmd_generate(cli.build_parser().parse_args(["generate", *argv, "--quiet"]))
 

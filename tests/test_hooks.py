@@ -21,16 +21,6 @@ from hvlab.model import TINY_CONFIG, HYVideoDiffusionTransformer, randomize_weig
 ATOL = 1e-6
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: under `pytest -n 2` on 2 cores, two threads per worker spin against each other
-    and small ops run ~10x slower. Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _qk(B=3, L=40, nh=2, hd=8, seed=0):
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(B, L, nh, hd, generator=g) for _ in range(3)]

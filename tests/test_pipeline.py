@@ -16,16 +16,6 @@ from hvlab.pipeline import (CheckpointLayoutError, GenerationInterrupted, Genera
 PROMPT = "a red circle moving right"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: under `pytest -n 2` on 2 cores, two threads per worker spin against each other
-    and small ops run ~10x slower. Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def pipe():
     return random_pipeline("tiny", seed=0)

@@ -17,16 +17,6 @@ from hvlab.vae_tiling import TilingConfig, decode_axes, run_tiled, tile_plan
 TSV = Path(__file__).resolve().parents[2] / "shared" / "reference" / "vae_release_keys.tsv"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny convolutions are dominated by thread hand-offs: with two pytest workers on two cores, two threads
-    each made these tests 5-10x slower than one thread."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def rel(a, b):
     return ((a - b).norm() / b.norm()).item()
 
