@@ -10,7 +10,7 @@ from __future__ import annotations
 import glob
 import os
 import pickle
-from typing import Iterable, Mapping
+from typing import Mapping
 
 import torch
 
@@ -149,9 +149,6 @@ def save_safetensors(state_dict: Mapping[str, torch.Tensor], path: str, metadata
 
     save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, path, metadata=metadata)
 
-
-def iter_prefixed(keys: Iterable[str], prefix: str) -> list[str]:
-    return [k for k in keys if k.startswith(prefix)]
 
 
 # --- the HunyuanVideo DiT: official <-> diffusers key layouts ----------------------------------------------
