@@ -46,14 +46,24 @@ def lr_at(step: int, total: int, base: float, warmup: int) -> float:
     return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
 
 
-def vae_loss(vae, videos, generator, kl_weight):
-    """Reconstruction loss that weights the object 10x: it is ~10% of the pixels and all of the meaning."""
-    posterior = vae.encode(videos)
-    rec = vae.decode(posterior.sample(generator=generator))
+def reconstruction_loss(rec, videos):
+    """L1 + L2 that weights the object 10x: it is ~10% of the pixels and all of the meaning."""
     weight = 1.0 + 9.0 * (videos > -0.9).any(dim=1, keepdim=True).float()
     err = rec.float() - videos
-    rec_loss = (weight * (err.abs() + err.square())).mean()
+    return (weight * (err.abs() + err.square())).mean()
+
+
+def vae_loss(vae, videos, generator, kl_weight):
+    """Reconstruction of a posterior sample, plus a small KL term."""
+    posterior = vae.encode(videos)
+    rec_loss = reconstruction_loss(vae.decode(posterior.sample(generator=generator)), videos)
     return rec_loss + kl_weight * posterior.kl().mean(), rec_loss
+
+
+def warm_start(module, init_from, filename):
+    """Load exported fp16 weights (not optimizer state) from a folder written by `export`."""
+    sd = load_state_dict_file(Path(init_from) / filename)
+    module.load_state_dict({k: v.float() for k, v in sd.items()})
 
 
 class Logger:
@@ -123,8 +133,8 @@ def set_lr(opt, lr):
 
 def train_vae(args, device, gen, state, out):
     vae = AutoencoderKLCausal3D(toy_vae_config()).to(device)
-    if args.init_from and "vae" not in state:  # warm start from exported weights (not optimizer state)
-        vae.load_state_dict({k: v.float() for k, v in load_state_dict_file(Path(args.init_from) / "vae.safetensors").items()})
+    if args.init_from and "vae" not in state:
+        warm_start(vae, args.init_from, "vae.safetensors")
     if "vae" in state:
         vae.load_state_dict(state["vae"])
     opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
@@ -181,7 +191,7 @@ def train_dit(args, device, gen, state, out, vae):
 
     dit = HYVideoDiffusionTransformer(TOY_DIT_CONFIG).to(device)
     if args.init_from and "dit" not in state:
-        dit.load_state_dict({k: v.float() for k, v in load_state_dict_file(Path(args.init_from) / "dit.safetensors").items()})
+        warm_start(dit, args.init_from, "dit.safetensors")
     if "dit" in state:
         dit.load_state_dict(state["dit"])
     ema = copy.deepcopy(dit).requires_grad_(False)
@@ -368,10 +378,7 @@ def finetune_decoder(weights_dir: str, out_dir: str, steps: int, batch: int = 1,
         videos, _, _ = data.sample_batch(batch, gen, split="train", device=device, frames=frames)
         with torch.no_grad():
             z = vae.encode(videos).mean
-        rec = vae.decode(z)
-        weight = 1.0 + 9.0 * (videos > -0.9).any(dim=1, keepdim=True).float()
-        err = rec - videos
-        loss = (weight * (err.abs() + err.square())).mean()
+        loss = reconstruction_loss(vae.decode(z), videos)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
