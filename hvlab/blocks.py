@@ -31,8 +31,8 @@ from einops import rearrange
 from torch import nn
 
 from . import attention as _attention
-from .modulation import MLP, ModulateDiT, RMSNorm, apply_gate, chunk_modulation, modulate
-from .rope import apply_rotary_emb
+from .modulation import MLP, ModulateDiT, RMSNorm, chunk_modulation, gated_residual, modulate
+from .fused import norm_rope
 
 
 def _layer_norm(hidden_size: int) -> nn.LayerNorm:
@@ -64,12 +64,9 @@ def set_token_chunking(model: nn.Module, chunk_tokens: int | None) -> int:
     return n
 
 
-def _rope_image_part(q: torch.Tensor, k: torch.Tensor, img_len: int, freqs_cis) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotate the first ``img_len`` tokens of q, k (B, L, nh, hd); text tokens carry no position."""
-    if freqs_cis is None:
-        return q, k
-    q_img, k_img = apply_rotary_emb(q[:, :img_len], k[:, :img_len], freqs_cis)
-    return torch.cat([q_img, q[:, img_len:]], dim=1), torch.cat([k_img, k[:, img_len:]], dim=1)
+def _rows(freqs_cis, rows: slice):
+    """The RoPE tables' rows for a token slice (None stays None)."""
+    return None if freqs_cis is None else (freqs_cis[0][rows], freqs_cis[1][rows])
 
 
 class MMDoubleStreamBlock(nn.Module):
@@ -104,11 +101,12 @@ class MMDoubleStreamBlock(nn.Module):
         self.attn_fn = _attention.attention
         self.chunk_tokens: int | None = None  # see set_token_chunking
 
-    def _qkv(self, x, norm1, mod, qkv, q_norm, k_norm):
-        """norm1 -> modulate -> qkv -> per-head RMSNorm on q and k. Returns q, k, v (B, L, nh, hd)."""
+    def _qkv(self, x, norm1, mod, qkv, q_norm, k_norm, freqs_cis=None):
+        """norm1 -> modulate -> qkv -> per-head RMSNorm on q and k, then RoPE when ``freqs_cis`` is given
+        (``fused.norm_rope``: one pass on the GPU). Returns q, k, v (B, L, nh, hd)."""
         x_mod = modulate(norm1(x), shift=mod.shift, scale=mod.scale)
         q, k, v = rearrange(qkv(x_mod), "B L (K nh hd) -> K B L nh hd", K=3, nh=self.heads_num)
-        return q_norm(q).to(v), k_norm(k).to(v), v
+        return norm_rope(q, q_norm, freqs_cis, dtype=v.dtype), norm_rope(k, k_norm, freqs_cis, dtype=v.dtype), v
 
     def forward(self, img: torch.Tensor, txt: torch.Tensor, vec: torch.Tensor, freqs_cis=None,
                 txt_lens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,10 +115,8 @@ class MMDoubleStreamBlock(nn.Module):
 
         L_img = img.shape[1]
         if _chunks(L_img, self.chunk_tokens) is None:
-            img_q, img_k, img_v = self._qkv(img, self.img_norm1, img_msa, self.img_attn_qkv,
-                                            self.img_attn_q_norm, self.img_attn_k_norm)  # (B, L_img, nh, hd)
-            if freqs_cis is not None:
-                img_q, img_k = apply_rotary_emb(img_q, img_k, freqs_cis)
+            img_q, img_k, img_v = self._qkv(img, self.img_norm1, img_msa, self.img_attn_qkv, self.img_attn_q_norm,
+                                            self.img_attn_k_norm, freqs_cis)  # (B, L_img, nh, hd)
             txt_q, txt_k, txt_v = self._qkv(txt, self.txt_norm1, txt_msa, self.txt_attn_qkv,
                                             self.txt_attn_q_norm, self.txt_attn_k_norm)  # (B, L_txt, nh, hd)
             q, k, v = torch.cat([img_q, txt_q], dim=1), torch.cat([img_k, txt_k], dim=1), torch.cat([img_v, txt_v], dim=1)
@@ -137,25 +133,23 @@ class MMDoubleStreamBlock(nn.Module):
         attn = rearrange(attn, "B L nh hd -> B L (nh hd)")
         img_attn, txt_attn = attn[:, :L_img], attn[:, L_img:]
 
-        img = img + apply_gate(self.img_attn_proj(img_attn), img_msa.gate)
+        img = gated_residual(img, self.img_attn_proj(img_attn), img_msa.gate)
         img = self._mlp_residual(img, self.img_norm2, self.img_mlp, img_mlp)
-        txt = txt + apply_gate(self.txt_attn_proj(txt_attn), txt_msa.gate)
+        txt = gated_residual(txt, self.txt_attn_proj(txt_attn), txt_msa.gate)
         txt = self._mlp_residual(txt, self.txt_norm2, self.txt_mlp, txt_mlp)
         return img, txt
 
     def _qkv_into(self, x, norm1, mod, qkv, q_norm, k_norm, freqs_cis, bufs, offset: int) -> None:
         """``_qkv`` (+ RoPE when ``freqs_cis``) over token chunks of x, written into bufs at ``offset + token``."""
         for s in _chunks(x.shape[1], self.chunk_tokens) or [slice(0, x.shape[1])]:
-            q, k, v = self._qkv(x[:, s], norm1, mod, qkv, q_norm, k_norm)
-            if freqs_cis is not None:
-                q, k = apply_rotary_emb(q, k, (freqs_cis[0][s], freqs_cis[1][s]))
+            q, k, v = self._qkv(x[:, s], norm1, mod, qkv, q_norm, k_norm, _rows(freqs_cis, s))
             dst = slice(offset + s.start, offset + s.stop)
             bufs[0][:, dst], bufs[1][:, dst], bufs[2][:, dst] = q, k, v
 
     def _mlp_residual(self, x: torch.Tensor, norm2, mlp, mod) -> torch.Tensor:
         """x + gate * MLP(modulate(norm2(x))), over token chunks when ``chunk_tokens`` is set (no_grad)."""
         def f(xc):
-            return xc + apply_gate(mlp(modulate(norm2(xc), mod.shift, mod.scale)), mod.gate)
+            return gated_residual(xc, mlp(modulate(norm2(xc), mod.shift, mod.scale)), mod.gate)
 
         chunks = _chunks(x.shape[1], self.chunk_tokens)
         if chunks is None:
@@ -201,8 +195,9 @@ class MMSingleStreamBlock(nn.Module):
             x_mod = modulate(self.pre_norm(x), shift=mod.shift, scale=mod.scale)  # (B, L, D)
             qkv, mlp_in = torch.split(self.linear1(x_mod), [3 * self.hidden_size, self.mlp_hidden_dim], dim=-1)
             q, k, v = rearrange(qkv, "B L (K nh hd) -> K B L nh hd", K=3, nh=self.heads_num)
-            q, k = self.q_norm(q).to(v), self.k_norm(k).to(v)
-            q, k = _rope_image_part(q, k, img_len, freqs_cis)
+            # QK-norm, then RoPE on the image tokens only (text tokens carry no position)
+            q = norm_rope(q, self.q_norm, freqs_cis, n_rope=img_len, dtype=v.dtype)
+            k = norm_rope(k, self.k_norm, freqs_cis, n_rope=img_len, dtype=v.dtype)
         else:  # linear1, QK-norm and RoPE per chunk into q, k, v and GELU(mlp_in) buffers
             B, L, D = x.shape
             q, k, v = (x.new_empty(B, L, self.heads_num, D // self.heads_num) for _ in range(3))
@@ -213,11 +208,10 @@ class MMSingleStreamBlock(nn.Module):
                 mlp_act[:, s] = self.mlp_act(mlp_in)
                 del x_mod, mlp_in
                 q_c, k_c, v_c = rearrange(qkv_c, "B L (K nh hd) -> K B L nh hd", K=3, nh=self.heads_num)
-                q_c, k_c = self.q_norm(q_c).to(v_c), self.k_norm(k_c).to(v_c)
                 n_img = max(0, min(s.stop, img_len) - s.start)  # image tokens of this chunk carry RoPE
-                if n_img and freqs_cis is not None:
-                    rows = slice(s.start, s.start + n_img)
-                    q_c, k_c = _rope_image_part(q_c, k_c, n_img, (freqs_cis[0][rows], freqs_cis[1][rows]))
+                tables = _rows(freqs_cis, slice(s.start, s.start + n_img)) if n_img else None
+                q_c = norm_rope(q_c, self.q_norm, tables, n_rope=n_img, dtype=v_c.dtype)
+                k_c = norm_rope(k_c, self.k_norm, tables, n_rope=n_img, dtype=v_c.dtype)
                 q[:, s], k[:, s], v[:, s] = q_c, k_c, v_c
                 del qkv_c, q_c, k_c, v_c
 
@@ -225,11 +219,11 @@ class MMSingleStreamBlock(nn.Module):
         attn = rearrange(attn, "B L nh hd -> B L (nh hd)")
         if chunks is None:
             out = self.linear2(torch.cat([attn, self.mlp_act(mlp_in)], dim=-1))
-            return x + apply_gate(out, mod.gate)
+            return gated_residual(x, out, mod.gate)
         del q, k, v  # free the attention inputs before the second half
         res = torch.empty_like(x)  # (B, L, D)
         for s in chunks:
-            res[:, s] = x[:, s] + apply_gate(self.linear2(torch.cat([attn[:, s], mlp_act[:, s]], dim=-1)), mod.gate)
+            res[:, s] = gated_residual(x[:, s], self.linear2(torch.cat([attn[:, s], mlp_act[:, s]], dim=-1)), mod.gate)
         return res
 
 

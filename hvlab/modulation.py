@@ -35,7 +35,12 @@ def chunk_modulation(params: torch.Tensor, n: int) -> list[ModulationOut]:
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor | None = None, scale: torch.Tensor | None = None) -> torch.Tensor:
-    """x (B, L, D) * (1 + scale) + shift, with shift/scale (B, D) broadcast over the tokens."""
+    """x (B, L, D) * (1 + scale) + shift, with shift/scale (B, D) broadcast over the tokens.
+
+    With both given it is one ``addcmul`` (one pass over x, one rounding) instead of a multiply and an add.
+    """
+    if scale is not None and shift is not None:
+        return torch.addcmul(shift.unsqueeze(1), x, 1 + scale.unsqueeze(1))
     if scale is not None:
         x = x * (1 + scale.unsqueeze(1))
     if shift is not None:
@@ -46,6 +51,11 @@ def modulate(x: torch.Tensor, shift: torch.Tensor | None = None, scale: torch.Te
 def apply_gate(x: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
     """x (B, L, D) * gate (B, D), broadcast over the tokens."""
     return x if gate is None else x * gate.unsqueeze(1)
+
+
+def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """x + y * gate (gate (B, D) broadcast over the tokens) in one ``addcmul``: the residual of every DiT block."""
+    return torch.addcmul(x, y, gate.unsqueeze(1))
 
 
 class ModulateDiT(nn.Module):

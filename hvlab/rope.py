@@ -86,11 +86,12 @@ def apply_rotary_emb(
             f"RoPE tables must be (L, head_dim) = ({L}, {hd}) to match q of shape {tuple(q.shape)} (B, L, nh, hd); "
             f"got cos {tuple(cos.shape)} and sin {tuple(sin.shape)}. Were they computed for another latent size?"
         )
-    cos = cos.to(q.device, torch.float32)[None, :, None, :]  # (1, L, 1, hd)
-    sin = sin.to(q.device, torch.float32)[None, :, None, :]
+    return rotate(q, cos, sin), rotate(k, cos, sin)
 
-    def rotate(x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        return (xf * cos + _rotate_pairs(xf) * sin).to(x.dtype)
 
-    return rotate(q), rotate(k)
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE on one tensor x (B, L, nh, hd) with tables (L, hd): float32 maths, cast back to x's dtype."""
+    cos = cos.to(x.device, torch.float32)[None, :, None, :]  # (1, L, 1, hd)
+    sin = sin.to(x.device, torch.float32)[None, :, None, :]
+    xf = x.float()
+    return (xf * cos + _rotate_pairs(xf) * sin).to(x.dtype)
