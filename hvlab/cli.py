@@ -49,7 +49,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--fp8", action="store_true", help="FP8 weights for the DiT blocks")
     g.add_argument("--vae-tiling", action=argparse.BooleanOptionalAction, default=None,
                    help="decode in overlapping tiles (default: on for the release model, whose 720p decode needs it)")
+    g.add_argument("--vae-tile-size", type=int, nargs=2, metavar=("PX", "FRAMES"), default=None,
+                   help="VAE tile edge in pixels and length in frames (release 256 64; 128 32 needs less memory)")
     g.add_argument("--cpu-offload", action="store_true", help="keep text encoders and VAE on the CPU between uses")
+    g.add_argument("--memory-limit-gib", type=float, default=None,
+                   help="release model: plan against this many GiB instead of the card's free memory")
+    g.add_argument("--no-memory-check", action="store_true",
+                   help="release model: load even when the memory plan says the video will not fit")
     g.add_argument("--record-attention", default=None, metavar="WORDS",
                    help="comma-separated prompt words, or 'auto' (every word but articles): saves attention.png "
                         "(maps of the first video, text token as key, mean over heads)")
@@ -101,8 +107,13 @@ def _weights_note(model: str, model_base: str | None) -> str:
 
 
 def load_model(model: str = "toy", model_base: str | None = None, device: str | None = None, dtype: str | None = None,
-               fp8: bool = False, vae_tiling: bool | None = None, cpu_offload: bool = False):
-    """The pipeline the command line asks for (the run options are applied here)."""
+               fp8: bool = False, vae_tiling: bool | None = None, cpu_offload: bool = False,
+               vae_tile_size: tuple[int, int] | None = None, plan_size: tuple[int, int, int] | None = None,
+               memory_limit_gib: float | None = None, check_memory: bool = True):
+    """The pipeline the command line asks for (the run options are applied here).
+
+    For the release model, ``plan_size`` = (video_length, height, width) is checked against the card's memory
+    before any weight is read (`hvlab.pipeline.load_pipeline`)."""
     import torch
 
     device = device or _default_device()
@@ -113,7 +124,8 @@ def load_model(model: str = "toy", model_base: str | None = None, device: str | 
         from .pipeline import load_pipeline
 
         return load_pipeline(model_base, device=device, dtype=dt, fp8=fp8, cpu_offload=cpu_offload,
-                             vae_tiling=vae_tiling)
+                             vae_tiling=vae_tiling, vae_tile_size=vae_tile_size, plan_size=plan_size,
+                             memory_limit_gib=memory_limit_gib, check_memory=check_memory)
     if model in ("toy-random", "tiny-random"):
         from .pipeline import random_pipeline
 
@@ -132,7 +144,8 @@ def load_model(model: str = "toy", model_base: str | None = None, device: str | 
     if cpu_offload:
         pipe.enable_cpu_offload()
     if vae_tiling:
-        pipe.enable_vae_tiling()
+        pipe.enable_vae_tiling(**(dict(zip(("tile_sample_min_size", "tile_sample_min_num_frames"), vae_tile_size))
+                                  if vae_tile_size else {}))
     if fp8:
         pipe.enable_fp8()
     return pipe
@@ -167,7 +180,8 @@ def cmd_generate(args):
     from .pipeline import GenerationInterrupted, GenerationSettings, NonFiniteLatentsError, load_state
 
     run = dict(model=args.model, model_base=args.model_base, device=args.device, dtype=args.dtype, fp8=args.fp8,
-               vae_tiling=args.vae_tiling, cpu_offload=args.cpu_offload)
+               vae_tiling=args.vae_tiling, cpu_offload=args.cpu_offload,
+               vae_tile_size=tuple(args.vae_tile_size) if args.vae_tile_size else None)
     settings, resume = None, None
     if args.from_settings or args.resume:
         saved = (json.loads(Path(args.from_settings).read_text()) if args.from_settings
@@ -194,8 +208,17 @@ def cmd_generate(args):
 
         rank = init_ulysses_from_env(args.ulysses_degree, run["device"])
 
+    if settings is not None:  # what the memory plan checks before the release weights load
+        plan = (settings.video_length, settings.height, settings.width)
+    else:
+        from .pipeline import HunyuanVideoPipeline
+
+        d = HunyuanVideoPipeline.RELEASE_DEFAULTS
+        h, w = args.video_size or (d["height"], d["width"])
+        plan = (args.video_length or d["video_length"], h, w)
     t_start = time.perf_counter()
-    pipe = load_model(**run)
+    pipe = load_model(**run, plan_size=plan, memory_limit_gib=args.memory_limit_gib,
+                      check_memory=not args.no_memory_check)
     t_load = time.perf_counter() - t_start
     if settings is None:
         h, w = args.video_size or (None, None)
@@ -343,6 +366,8 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = argv
+    from .memory import MemoryPlanError
+
     try:
         if args.command == "generate":
             out_dir, _ = cmd_generate(args)
@@ -350,7 +375,7 @@ def main(argv=None) -> int:
                 print(out_dir)
         elif args.command == "info":
             cmd_info(args)
-    except (ValueError, FileNotFoundError, IndexError) as e:  # bad input: the message names the fix
+    except (ValueError, FileNotFoundError, IndexError, MemoryPlanError) as e:  # bad input: the message names the fix
         parser.exit(2, f"hvlab {args.command}: error: {e}\n")
     return 0
 

@@ -22,6 +22,8 @@ Where the numbers come from:
 - A margin of ``slack`` (default 10%) on each stage for the allocator's rounding and cuDNN workspaces.
 
 `check_fits` compares the plan's peak with the card's free memory (or a cap) and raises with the breakdown.
+`check_load_plan` runs it for `hvlab.pipeline.load_pipeline`'s settings before any weight is read, naming
+the loader settings that would fit.
 For cards too small even for that, `BlockOffloader` keeps the DiT blocks on the CPU and streams two at a time.
 
 At 720x1280x129 (118,800 image tokens) the plan gives: text 15.6 GiB; DiT bf16 unchunked 43.0, FP8 unchunked
@@ -154,8 +156,16 @@ def dit_weight_bytes(config, fp8: bool, resident_blocks: int | None = None) -> f
     return total
 
 
-def _vae_activation_GiB(tile_px: int, tile_frames: int) -> float:
-    """One tile setting's decode peak without its output: the tiles, not the video size, set it."""
+def _vae_activation_GiB(tile_px: int | None, tile_frames: int | None,
+                        video: tuple[int, int, int] | None = None) -> float:
+    """One tile setting's decode peak without its output: the tiles, not the video size, set it.
+
+    ``tile_px=None`` (no tiling, the whole ``video`` = (frames, height, width) at once) is *extrapolated*: the
+    256 px / 64-frame tile's activations scaled by the video's voxels over the tile's (an estimate, not a trace).
+    """
+    if tile_px is None:
+        F, H, W = video
+        return _vae_activation_GiB(256, 64) * F * H * W / (64 * 256 * 256)
     if (tile_px, tile_frames) not in VAE_TRACED_PEAK_GiB:
         raise ValueError(f"VAE tiles must be one of the traced settings (tile_px, tile_frames) "
                          f"{sorted(VAE_TRACED_PEAK_GiB)}, got {(tile_px, tile_frames)}; trace others with "
@@ -168,13 +178,17 @@ def estimate_pipeline_memory(config, height: int, width: int, video_length: int,
                              chunk_tokens: int | None = 16384, vae_tile_px: int = 256, vae_tile_frames: int = 64,
                              text_encoders_on_gpu: bool = True, text_len: int = 256, batch: int = 1,
                              slack: float = 0.10, vae_activation_GiB: float | None = None,
-                             block_offload: bool = False,
+                             block_offload: bool = False, resident: tuple[str, ...] = (),
                              llm_params: float = LLM_PARAMS, clip_params: float = CLIP_PARAMS,
                              vae_params: float = VAE_PARAMS) -> dict:
     """GiB per stage for text -> DiT -> VAE on one GPU, run one stage at a time (see the module docstring).
 
     Returns ``{"stages": {name: GiB}, "parts": {name: GiB}, "peak_GiB", "peak_stage", "plan": [str], "inputs"}``.
     ``parts`` names each term, so a failure message can say where the memory goes.
+
+    ``vae_tile_px=None``: no VAE tiling (extrapolated, see `_vae_activation_GiB`). ``resident``: the models
+    ("llm", "clip", "dit", "vae") whose weights stay on the GPU through every stage instead of leaving after
+    theirs; `HunyuanVideoPipeline` keeps the DiT there, and without ``cpu_offload`` all four.
     """
     from .video import latent_shape
 
@@ -198,7 +212,7 @@ def estimate_pipeline_memory(config, height: int, width: int, video_length: int,
         "latents + text states": (latents + text_states) / GiB,
         "VAE fp16 weights": vae_params * 2 / GiB,
         "VAE tile activations": (vae_activation_GiB if vae_activation_GiB is not None else
-                                 _vae_activation_GiB(vae_tile_px, vae_tile_frames)),
+                                 _vae_activation_GiB(vae_tile_px, vae_tile_frames, (video_length, height, width))),
         "decoded video fp16": batch * 3 * video_length * height * width * 2 / GiB,
     }
     dit_w = next(k for k in parts if k.startswith("DiT") and k.endswith("weights"))
@@ -207,6 +221,12 @@ def estimate_pipeline_memory(config, height: int, width: int, video_length: int,
         "dit": [dit_w, "DiT activations", "latents + text states"],
         "vae": ["VAE fp16 weights", "VAE tile activations", "decoded video fp16", "latents + text states"],
     }
+    weights = {"llm": "LLM fp16 weights", "clip": "CLIP fp16 weights", "dit": dit_w, "vae": "VAE fp16 weights"}
+    unknown = sorted(set(resident) - set(weights))
+    if unknown:
+        raise ValueError(f"resident names models among {sorted(weights)}, got {unknown}")
+    for ks in members.values():  # weights that stay on the GPU count in every stage
+        ks += [weights[m] for m in weights if m in resident and weights[m] not in ks]
     stages = {s: (1 + slack) * sum(parts[k] for k in ks) for s, ks in members.items()}
     peak_stage = max(stages, key=stages.get)
     plan = [
@@ -217,8 +237,8 @@ def estimate_pipeline_memory(config, height: int, width: int, video_length: int,
            else "moves to the GPU") + f"; {L_img:,} image + {text_len} text tokens; "
         + (f"MLPs / fused linears in chunks of {chunk_tokens:,} tokens" if chunk_tokens else "no token chunking")
         + "; the loop holds one latent, so any step count fits",
-        "3. DiT leaves the GPU; VAE fp16 decodes in tiles of "
-        f"{vae_tile_px} px x {vae_tile_frames} frames",
+        ("3. DiT stays on the GPU" if "dit" in resident else "3. DiT leaves the GPU") + "; VAE fp16 decodes "
+        + (f"in tiles of {vae_tile_px} px x {vae_tile_frames} frames" if vae_tile_px else "the whole video at once"),
     ]
     return {
         "stages": stages, "parts": parts, "members": members, "peak_GiB": stages[peak_stage],
@@ -226,7 +246,7 @@ def estimate_pipeline_memory(config, height: int, width: int, video_length: int,
         "inputs": dict(height=height, width=width, video_length=video_length, fp8=fp8, chunk_tokens=chunk_tokens,
                        vae_tile_px=vae_tile_px, vae_tile_frames=vae_tile_frames, L_img=L_img, text_len=text_len,
                        batch=batch, slack=slack, text_encoders_on_gpu=text_encoders_on_gpu,
-                       block_offload=block_offload),
+                       block_offload=block_offload, resident=tuple(resident)),
     }
 
 
@@ -239,11 +259,29 @@ def describe(estimate: dict, stage: str | None = None) -> str:
     return f"~{estimate['stages'][stage]:.1f} GiB in the {stage} stage ({terms}, + {slack:.0%} allocator margin)"
 
 
+def card_memory(device: torch.device | str) -> tuple[int, int]:
+    """(free, total) bytes of a CUDA card (``torch.cuda.mem_get_info``); tests replace this to fake a card."""
+    return torch.cuda.mem_get_info(torch.device(device))
+
+
+def memory_fraction(device: torch.device | str) -> float:
+    """The cap ``torch.cuda.set_per_process_memory_fraction`` put on this process (1.0 when none is readable)."""
+    get = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+    if get is None or not torch.cuda.is_initialized():  # setting a fraction initialises CUDA
+        return 1.0
+    return float(get(torch.device(device)))
+
+
 def available_GiB(device: torch.device | str | None = None, cap_GiB: float | None = None) -> tuple[float, str]:
-    """What the plan may use: the card's free memory (``torch.cuda.mem_get_info``), lowered to ``cap_GiB``."""
+    """What the plan may use: the card's free memory (`card_memory`), lowered to the process's memory
+    fraction of the card and to ``cap_GiB``."""
     if device is not None and torch.device(device).type == "cuda":
-        free, total = torch.cuda.mem_get_info(torch.device(device))
+        free, total = card_memory(device)
         have, where = free / GiB, f"the card has {free / GiB:.1f} GiB free (of {total / GiB:.1f})"
+        fraction = memory_fraction(device)
+        if fraction * total / GiB < have:
+            have, where = fraction * total / GiB, (f"set_per_process_memory_fraction({fraction:g}) allows "
+                                                   f"{fraction * total / GiB:.1f} GiB ({where})")
         if cap_GiB is not None and cap_GiB < have:
             have, where = cap_GiB, f"the cap is {cap_GiB:.1f} GiB ({where})"
         return have, where
@@ -253,10 +291,11 @@ def available_GiB(device: torch.device | str | None = None, cap_GiB: float | Non
 
 
 def check_fits(estimate: dict, device: torch.device | str | None = None, cap_GiB: float | None = None,
-               free_GiB: float | None = None) -> float:
+               free_GiB: float | None = None, advice: str | None = None) -> float:
     """Raise `MemoryPlanError` if the plan's peak exceeds the memory available; return the headroom in GiB.
 
-    ``free_GiB`` overrides the measured free memory (tests, or planning for another card).
+    ``free_GiB`` overrides the measured free memory (tests, or planning for another card). ``advice``
+    replaces the generic "try ..." clause (`check_load_plan` passes the settings that would fit).
     """
     if free_GiB is not None:
         have, where = free_GiB, f"the card has {free_GiB:.1f} GiB free"
@@ -273,16 +312,88 @@ def check_fits(estimate: dict, device: torch.device | str | None = None, cap_GiB
         tips.append("--fp8")
     if estimate["peak_stage"] == "dit" and not i["chunk_tokens"]:
         tips.append("token chunking (--chunk-tokens 16384)")
-    if estimate["peak_stage"] == "vae" or i["vae_tile_px"] > 128:
+    if estimate["peak_stage"] == "vae" or not i["vae_tile_px"] or i["vae_tile_px"] > 128:
         tips.append("lower VAE tiles (128 px, 32 frames)")
     if estimate["peak_stage"] == "text":
         tips.append("running the text encoders on the CPU (--cpu-offload)")
     if estimate["peak_stage"] == "dit" and not i["block_offload"]:
         tips.append("block-wise CPU offload (--block-offload)")
     tips.append("--cpu-offload")
+    stages = ", ".join(f"{k} {v:.1f}" for k, v in estimate["stages"].items())
     raise MemoryPlanError(
         f"{i['height']}x{i['width']}x{i['video_length']} needs {describe(estimate)} but {where}; "
-        f"try {', '.join(dict.fromkeys(tips))}")
+        f"GiB per stage: {stages}; {advice or 'try ' + ', '.join(dict.fromkeys(tips))}")
+
+
+# ---------------------------------------------------------------------------------------- before loading
+RELEASE_PLAN_SIZE = (129, 720, 1280)  # (video_length, height, width) the release generates by default
+
+
+def _load_estimate(config, plan_size, fp8: bool, cpu_offload: bool, vae_tile: tuple[int, int] | None) -> dict:
+    """The estimate for `hvlab.pipeline.load_pipeline`'s settings: no token chunking; the DiT never leaves the
+    GPU, and without ``cpu_offload`` neither do the text encoders and the VAE."""
+    if len(plan_size) != 3:
+        raise ValueError(f"plan_size must be (video_length, height, width), got {plan_size!r}")
+    video_length, height, width = plan_size
+    tile_px, tile_frames = vae_tile or (None, None)
+    extra = {}
+    if vae_tile is not None and tuple(vae_tile) not in VAE_TRACED_PEAK_GiB:  # scale the traced 256 px tile
+        extra["vae_activation_GiB"] = _vae_activation_GiB(256, 64) * tile_frames * tile_px**2 / (64 * 256 * 256)
+    return estimate_pipeline_memory(config, height, width, video_length, fp8=fp8, chunk_tokens=None,
+                                    vae_tile_px=tile_px, vae_tile_frames=tile_frames, block_offload=False,
+                                    resident=("dit",) if cpu_offload else ("llm", "clip", "dit", "vae"), **extra)
+
+
+def _flags(change: dict) -> str:
+    out = []
+    for k, v in change.items():
+        if k == "vae_tile":
+            out.append(f"--vae-tile-size {v[0]} {v[1]} (vae_tile_size={v})" if v != (256, 64) else
+                       "--vae-tiling (vae_tiling=True)")
+        else:
+            out.append(f"--{k.replace('_', '-')} ({k}=True)")
+    return " + ".join(out)
+
+
+def check_load_plan(config, device: torch.device | str, plan_size: tuple[int, int, int] = RELEASE_PLAN_SIZE,
+                    fp8: bool = False, cpu_offload: bool = False, vae_tile: tuple[int, int] | None = (256, 64),
+                    cap_GiB: float | None = None) -> dict:
+    """The check `hvlab.pipeline.load_pipeline` runs before it reads a weight; returns the estimate.
+
+    ``plan_size`` = (video_length, height, width) to be generated; ``vae_tile`` = (px, frames), None without
+    tiling. When the peak exceeds `available_GiB`, raises `MemoryPlanError` with the per-stage estimate and
+    the smallest changes of the loader's own settings (FP8, CPU offload, VAE tiles) that would fit, each
+    estimated the same way; when none does, what lies beyond the loader.
+    """
+    est = _load_estimate(config, plan_size, fp8, cpu_offload, vae_tile)
+    have, _ = available_GiB(device, cap_GiB)
+    if est["peak_GiB"] <= have:
+        return est
+    tiles = [t for t in [(256, 64), (128, 64), (128, 32)]
+             if vae_tile is None or t[0] * t[1] < vae_tile[0] * vae_tile[1]]
+    options = []  # (changes, estimate) for every combination of the loader's memory savers
+    for f in dict.fromkeys((fp8, True)):
+        for o in dict.fromkeys((cpu_offload, True)):
+            for t in [vae_tile] + tiles:
+                change = {k: v for k, v, now in (("fp8", f, fp8), ("cpu_offload", o, cpu_offload),
+                                                 ("vae_tile", t, vae_tile)) if v != now}
+                if change:
+                    options.append((change, _load_estimate(config, plan_size, f, o, t)))
+    options.sort(key=lambda c: (len(c[0]), c[1]["peak_GiB"]))
+    fits = []
+    for change, e in options:  # the minimal sets: no fitting set of fewer changes is contained in this one
+        if e["peak_GiB"] <= have and not any(c.items() <= change.items() for c, _ in fits):
+            fits.append((change, e))
+    if fits:
+        advice = "settings that would fit: " + "; ".join(f"{_flags(c)} (~{e['peak_GiB']:.1f} GiB)" for c, e in fits[:3])
+    else:
+        change, e = min(options, key=lambda c: c[1]["peak_GiB"]) if options else ({}, est)
+        advice = (f"none of load_pipeline's settings fits (the smallest plan, {_flags(change) or 'the current one'}, "
+                  f"needs ~{e['peak_GiB']:.1f} GiB); beyond them try a smaller --video-size / --video-length, token "
+                  f"chunking (hvlab.blocks.set_token_chunking), hvlab.memory.BlockOffloader, or check_memory=False "
+                  f"(--no-memory-check) to load anyway")
+    check_fits(est, device, cap_GiB, advice=advice)
+    return est
 
 
 # ---------------------------------------------------------------------------------------- block offload

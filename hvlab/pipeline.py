@@ -581,20 +581,36 @@ def check_release_layout(model_base, fp8: bool = False) -> dict[str, Path]:
 
 def load_pipeline(model_base="ckpts", device=None, dtype=torch.bfloat16, fp8: bool = False, cpu_offload: bool = False,
                   vae_tiling: bool = True, text_encoder_dtype=torch.float16, vae_dtype=torch.float16,
-                  dit_config=None) -> HunyuanVideoPipeline:
+                  dit_config=None, plan_size: tuple[int, int, int] | None = None,
+                  vae_tile_size: tuple[int, int] | None = None, memory_limit_gib: float | None = None,
+                  check_memory: bool = True) -> HunyuanVideoPipeline:
     """The release model from the official ``ckpts/`` layout (see `RELEASE_FILES`).
 
     The DiT is built on the meta device and its weights assigned from the file, so the 13B model is never
     initialised in memory. ``fp8`` uses the _fp8.pt pair when present, else converts the bf16 weights.
     ``dit_config`` defaults to the release's `HYVIDEO_T2_CONFIG` (tests pass a tiny one).
+    ``vae_tile_size`` = (px, frames) overrides the VAE config's tiles (release 256 px, 64 frames).
+
+    Before any weight is read (on CUDA, or anywhere with ``memory_limit_gib``), `hvlab.memory.check_load_plan`
+    estimates the peak for ``plan_size`` = (video_length, height, width) (default the release's 129 x 720 x
+    1280) with these settings and raises `hvlab.memory.MemoryPlanError`, naming the settings that would fit,
+    when it exceeds the card's free memory (or ``memory_limit_gib``). ``check_memory=False`` skips the check.
     """
     from .model import HYVIDEO_T2_CONFIG, HYVideoDiffusionTransformer
     from .text_encoder import load_clip_encoder, load_llm_encoder
-    from .vae import AutoencoderKLCausal3D
+    from .vae import AutoencoderKLCausal3D, vae_config_from_json
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     p = check_release_layout(model_base, fp8)
-    dit = HYVideoDiffusionTransformer(dit_config or HYVIDEO_T2_CONFIG, device="meta")
+    config = dit_config or HYVIDEO_T2_CONFIG
+    if check_memory and (device.type == "cuda" or memory_limit_gib is not None):
+        from .memory import RELEASE_PLAN_SIZE, check_load_plan
+
+        vc = vae_config_from_json(p["vae_config"])  # a config file, not weights
+        tile = tuple(vae_tile_size or (vc.sample_size, vc.sample_tsize)) if vae_tiling else None
+        check_load_plan(config, device, plan_size or RELEASE_PLAN_SIZE, fp8=fp8 or p["use_fp8_file"],
+                        cpu_offload=cpu_offload, vae_tile=tile, cap_GiB=memory_limit_gib)
+    dit = HYVideoDiffusionTransformer(config, device="meta")
     if p["use_fp8_file"]:
         from .fp8 import load_fp8_checkpoint
 
@@ -615,7 +631,7 @@ def load_pipeline(model_base="ckpts", device=None, dtype=torch.bfloat16, fp8: bo
     clip = load_clip_encoder(str(p["text_encoder_2"].parent), dtype=text_encoder_dtype, device=te_device)
     vae.to("cpu" if cpu_offload else device)
     if vae_tiling:
-        vae.enable_tiling()
+        vae.enable_tiling(*(vae_tile_size or ()))
     for m in (dit, vae, llm, clip):
         m.eval().requires_grad_(False)
     return HunyuanVideoPipeline(dit, vae, llm, clip, device=device, dtype=dtype, cpu_offload=cpu_offload)
