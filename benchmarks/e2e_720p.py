@@ -37,6 +37,11 @@ from hvlab.model import HYVIDEO_T2_CONFIG, TINY_CONFIG, HYVideoDiffusionTransfor
 PROMPT = "A cat walks on the grass, realistic style."
 
 
+def cuda_index(device: torch.device) -> int:
+    """The card's index: memory-fraction calls refuse a bare torch.device("cuda")."""
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -191,7 +196,7 @@ def run_pipeline(args, device, config, vae_config, size, cap_GiB, release) -> di
     rec: dict = {"cap_GiB": cap_GiB}
     if device.type == "cuda" and cap_GiB is not None:
         total = torch.cuda.get_device_properties(device).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, cap_GiB * GiB / total), device)
+        torch.cuda.set_per_process_memory_fraction(min(1.0, cap_GiB * GiB / total), cuda_index(device))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     build_llm, build_clip = text_encoders(args, device, release)
 
@@ -235,7 +240,7 @@ def run_pipeline(args, device, config, vae_config, size, cap_GiB, release) -> di
     rec["video_finite"] = bool(torch.isfinite(video).all())
     if device.type == "cuda":
         rec["peak_GiB"] = max(r["peak_GiB"] for r in rec.values() if isinstance(r, dict) and "peak_GiB" in r)
-        torch.cuda.set_per_process_memory_fraction(1.0, device)
+        torch.cuda.set_per_process_memory_fraction(1.0, cuda_index(device))
     return rec
 
 
@@ -334,7 +339,7 @@ def main(argv=None) -> dict:
         except Exception as e:  # an OOM under the cap is a result: record it and go on
             rec = {"cap_GiB": cap, "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
             if device.type == "cuda":
-                torch.cuda.set_per_process_memory_fraction(1.0, device)
+                torch.cuda.set_per_process_memory_fraction(1.0, cuda_index(device))
         report["runs"].append(rec)
         print(json.dumps(rec), flush=True)
         (out_dir / "e2e_720p.json").write_text(json.dumps(report, indent=1))

@@ -4,7 +4,7 @@
 set -uo pipefail
 export PYTHONPATH=${PYTHONPATH:-}:$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 OUT=${OUT:-outputs/gpu}; mkdir -p "$OUT"
-run=/tmp/toy
+run=${RUN:-/tmp/toy}
 vm=$1; dm=$2; shift 2
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 python -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
@@ -19,7 +19,7 @@ tar -C $run -cf "$OUT/misc.tar" weights/text_encoder.safetensors weights/text_en
     vae_loss.csv dit_loss.csv loss_curves.png summary.json eval_default.json
 cp $run.train.log "$OUT/train.log"; rm -f "$OUT/misc0.tar"
 el=$(( $(date +%s) - start )); echo "elapsed $el s"
-if [ $el -lt 500 ]; then
+if [ $el -lt 500 ] && [ -z "${SKIP_CFG7:-}" ]; then
   timeout $(( 560 - el )) python -m hvlab.toy.evaluate --weights $run/weights --device cuda --cfg 7.0 --out $OUT/eval_cfg7.json 2>&1 | tail -4
 fi
 echo "total wall: $(( $(date +%s) - start )) s"
