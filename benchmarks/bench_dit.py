@@ -146,12 +146,12 @@ def sdpa_context(device: torch.device):
 
 
 # ----------------------------------------------------------------------------------------------- running
-def _sync(device):
+def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def _free(device):
+def free(device):
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -178,8 +178,8 @@ def run_one(impl: str, size: str, grid, config: HYVideoConfig, device, steps: in
                 row["fp8_mode"] = set_fp8_mode(model, mode)  # falls back (with a warning) off FP8 GPUs
                 row["fp8_param_share"] = round(fp8_param_share(model), 4)
                 row["fast_accum"] = fast_accum
-        _sync(device)
-        _free(device)
+        sync(device)
+        free(device)
         row["build_s"] = round(time.perf_counter() - t0, 2)
         inp = make_inputs(config, grid, device)
         step = step_fn(impl, model, inp)
@@ -188,10 +188,10 @@ def run_one(impl: str, size: str, grid, config: HYVideoConfig, device, steps: in
         times = []
         with torch.no_grad(), sdpa_context(device):
             for i in range(steps + 1):  # step 0 warms up (cuDNN plans, allocator)
-                _sync(device)
+                sync(device)
                 t0 = time.perf_counter()
                 out = step()
-                _sync(device)
+                sync(device)
                 times.append(time.perf_counter() - t0)
         row["warmup_s"] = round(times[0], 3)
         row["step_s"] = [round(t, 3) for t in times[1:]]
@@ -205,7 +205,7 @@ def run_one(impl: str, size: str, grid, config: HYVideoConfig, device, steps: in
         traceback.print_exc()
     finally:
         del model, out
-        _free(device)
+        free(device)
     return row
 
 

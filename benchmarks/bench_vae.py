@@ -35,8 +35,11 @@ import traceback
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, ".."))
+sys.path.insert(0, HERE)
 
+from bench_dit import sync  # noqa: E402
 from hvlab.vae import TINY_VAE_CONFIG, VAE_884_16C_HY_CONFIG, AutoencoderKLCausal3D  # noqa: E402
 from hvlab.video import latent_shape  # noqa: E402
 
@@ -60,11 +63,6 @@ def diffusers_settings(quick: bool):
         ("128px/16f", dict(tile_sample_min_height=128, tile_sample_min_width=128, tile_sample_stride_height=96,
                            tile_sample_stride_width=96), None),
     ]
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def measure(decode, z, warm_z, device, reset_count, get_count) -> dict:

@@ -19,7 +19,6 @@ $OUT/e2e_720p.md (OUT defaults to ./outputs).
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import sys
@@ -29,8 +28,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, ".."))
+sys.path.insert(0, HERE)
 
+from bench_dit import free, init_random_, sync  # noqa: E402
 from hvlab.memory import GiB, check_fits, describe, estimate_pipeline_memory  # noqa: E402
 from hvlab.model import HYVIDEO_T2_CONFIG, TINY_CONFIG, HYVideoDiffusionTransformer  # noqa: E402
 
@@ -40,17 +42,6 @@ PROMPT = "A cat walks on the grass, realistic style."
 def cuda_index(device: torch.device) -> int:
     """The card's index: memory-fraction calls refuse a bare torch.device("cuda")."""
     return device.index if device.index is not None else torch.cuda.current_device()
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def free(device):
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 class Stage:
@@ -74,19 +65,6 @@ class Stage:
             row["peak_GiB"] = round(torch.cuda.max_memory_allocated(self.device) / GiB, 3)
         self.record[self.name] = row
         return False
-
-
-@torch.no_grad()
-def init_random_(module: nn.Module, seed: int, std: float = 0.02) -> nn.Module:
-    """normal(0, std) on the module's device, norm weights 1 (as benchmarks/bench_dit.py)."""
-    dev = next(module.parameters()).device
-    g = torch.Generator(device=dev).manual_seed(seed)
-    for name, p in module.named_parameters():
-        if p.dim() == 1 and "norm" in name:
-            p.fill_(1.0)
-        else:
-            p.normal_(0.0, std, generator=g)
-    return module
 
 
 # ------------------------------------------------------------------------------------------- text
