@@ -54,8 +54,15 @@ _kernel_verified = False  # set after the first kernel call of the process agree
 
 def _use_kernel(x: torch.Tensor, weight: torch.Tensor) -> bool:
     grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-    return (triton is not None and not _kernel_failed and x.is_cuda and not grad and x.stride(-1) == 1 and x.shape[-1] % 2 == 0
-            and x.numel() > 0)
+    return (triton is not None and not _kernel_failed and x.is_cuda and not grad and x.stride(-1) == 1
+            and x.shape[-1] % 2 == 0 and x.numel() > 0)
+
+
+def _switch_off(why: str) -> None:
+    """Stop using the kernel in this process and say why, once; callers then run the eager definition."""
+    global _kernel_failed
+    _kernel_failed = True
+    warnings.warn(f"hvlab.fused: the norm_rope kernel {why}; using the eager path from now on")
 
 
 def norm_rope(x: torch.Tensor, norm, freqs_cis=None, n_rope: int | None = None,
@@ -88,7 +95,6 @@ def norm_rope(x: torch.Tensor, norm, freqs_cis=None, n_rope: int | None = None,
     else:
         cos = cos.to(x.device, torch.float32).contiguous()
         sin = sin.to(x.device, torch.float32).contiguous()
-    global _kernel_failed
     try:
         _norm_rope_kernel[(B * L,)](
             x, norm.weight, cos, sin, out, L, nh, n, x.stride(0), x.stride(1), x.stride(2), float(norm.eps),
@@ -98,9 +104,7 @@ def norm_rope(x: torch.Tensor, norm, freqs_cis=None, n_rope: int | None = None,
     except Exception as e:  # a triton that cannot build it: say so once, then run the eager definition
         if backend == "kernel":
             raise
-        _kernel_failed = True
-        warnings.warn(f"hvlab.fused: the norm_rope kernel failed ({type(e).__name__}: {str(e)[:200]}); "
-                      "using the eager path from now on")
+        _switch_off(f"failed ({type(e).__name__}: {str(e)[:200]})")
         return norm_rope_reference(x, norm, freqs_cis, n_rope, dtype)
     global _kernel_verified
     if backend == "auto" and not _kernel_verified:
@@ -112,9 +116,7 @@ def norm_rope(x: torch.Tensor, norm, freqs_cis=None, n_rope: int | None = None,
         ref = norm_rope_reference(x[:, :m], norm, tables, min(n, m) if tables else None, dtype)
         stats = agreement(out[:, :m], ref)
         if not stats["ok"]:
-            _kernel_failed = True
-            warnings.warn(f"hvlab.fused: the norm_rope kernel disagrees with the eager path here ({stats}); "
-                          "using the eager path from now on")
+            _switch_off(f"disagrees with the eager path here ({stats})")
             return norm_rope_reference(x, norm, freqs_cis, n_rope, dtype)
         _kernel_verified = True
     return out

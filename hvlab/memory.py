@@ -156,6 +156,12 @@ def dit_weight_bytes(config, fp8: bool, resident_blocks: int | None = None) -> f
     return total
 
 
+def _vae_activation_extrapolated_GiB(frames: int, height: int, width: int) -> float:
+    """Decode activations of a block of frames x height x width pixels (a whole video, or an untraced tile),
+    scaled from the traced 256 px / 64-frame tile by voxel count: an estimate, not a trace."""
+    return _vae_activation_GiB(256, 64) * frames * height * width / (64 * 256 * 256)
+
+
 def _vae_activation_GiB(tile_px: int | None, tile_frames: int | None,
                         video: tuple[int, int, int] | None = None) -> float:
     """One tile setting's decode peak without its output: the tiles, not the video size, set it.
@@ -164,8 +170,7 @@ def _vae_activation_GiB(tile_px: int | None, tile_frames: int | None,
     256 px / 64-frame tile's activations scaled by the video's voxels over the tile's (an estimate, not a trace).
     """
     if tile_px is None:
-        F, H, W = video
-        return _vae_activation_GiB(256, 64) * F * H * W / (64 * 256 * 256)
+        return _vae_activation_extrapolated_GiB(*video)
     if (tile_px, tile_frames) not in VAE_TRACED_PEAK_GiB:
         raise ValueError(f"VAE tiles must be one of the traced settings (tile_px, tile_frames) "
                          f"{sorted(VAE_TRACED_PEAK_GiB)}, got {(tile_px, tile_frames)}; trace others with "
@@ -338,7 +343,7 @@ def _load_estimate(config, plan_size, fp8: bool, cpu_offload: bool, vae_tile: tu
     tile_px, tile_frames = vae_tile or (None, None)
     extra = {}
     if vae_tile is not None and tuple(vae_tile) not in VAE_TRACED_PEAK_GiB:  # scale the traced 256 px tile
-        extra["vae_activation_GiB"] = _vae_activation_GiB(256, 64) * tile_frames * tile_px**2 / (64 * 256 * 256)
+        extra["vae_activation_GiB"] = _vae_activation_extrapolated_GiB(tile_frames, tile_px, tile_px)
     return estimate_pipeline_memory(config, height, width, video_length, fp8=fp8, chunk_tokens=None,
                                     vae_tile_px=tile_px, vae_tile_frames=tile_frames, block_offload=False,
                                     resident=("dit",) if cpu_offload else ("llm", "clip", "dit", "vae"), **extra)
