@@ -252,6 +252,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--exact-accum", action="store_true",
                    help="hvlab-fp8: exact fp32 accumulation instead of Hopper's fast FP8 accumulation (the default)")
+    p.add_argument("--norm-rope", nargs=2, metavar=("PAIRS", "WARPS"), default=None,
+                   help="hvlab: the QK-norm + RoPE kernel's setting, e.g. 'split 4' (scripts/gpu/bench_kernels.py "
+                        "prints the fastest); default: hvlab.fused's")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="output folder (default: $OUT, else ./outputs)")
     args = p.parse_args(argv)
@@ -281,7 +284,14 @@ def main(argv: list[str] | None = None) -> dict:
     except (ImportError, ValueError):
         pass
 
+    from hvlab import fused
+
+    if args.norm_rope:
+        if args.norm_rope[0] not in fused.PAIR_MODES or not args.norm_rope[1].isdigit():
+            p.error(f"--norm-rope takes a mode from {list(fused.PAIR_MODES)} and a warp count, got {args.norm_rope}")
+        fused.pair_mode, fused.num_warps = args.norm_rope[0], int(args.norm_rope[1])
     env = environment(device)
+    env["norm_rope"] = f"{fused.pair_mode}, {fused.num_warps} warps"
     report = {"env": env, "config": "tiny" if args.quick else "HYVideo-T/2-cfgdistill", "steps": args.steps,
               "text": {"padded": TEXT_LEN, "real": TEXT_REAL}, "results": []}
     print(json.dumps(env), flush=True)

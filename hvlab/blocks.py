@@ -32,7 +32,7 @@ from torch import nn
 
 from . import attention as _attention
 from .modulation import MLP, ModulateDiT, RMSNorm, chunk_modulation, gated_residual, modulate
-from .fused import norm_rope
+from .fused import gelu_linear, norm_rope
 
 
 def _layer_norm(hidden_size: int) -> nn.LayerNorm:
@@ -101,12 +101,14 @@ class MMDoubleStreamBlock(nn.Module):
         self.attn_fn = _attention.attention
         self.chunk_tokens: int | None = None  # see set_token_chunking
 
-    def _qkv(self, x, norm1, mod, qkv, q_norm, k_norm, freqs_cis=None):
+    def _qkv(self, x, norm1, mod, qkv, q_norm, k_norm, freqs_cis=None, out=(None, None)):
         """norm1 -> modulate -> qkv -> per-head RMSNorm on q and k, then RoPE when ``freqs_cis`` is given
-        (``fused.norm_rope``: one pass on the GPU). Returns q, k, v (B, L, nh, hd)."""
+        (``fused.norm_rope``: one pass on the GPU; into ``out`` = (q buffer, k buffer) if given).
+        Returns q, k, v (B, L, nh, hd)."""
         x_mod = modulate(norm1(x), shift=mod.shift, scale=mod.scale)
         q, k, v = rearrange(qkv(x_mod), "B L (K nh hd) -> K B L nh hd", K=3, nh=self.heads_num)
-        return norm_rope(q, q_norm, freqs_cis, dtype=v.dtype), norm_rope(k, k_norm, freqs_cis, dtype=v.dtype), v
+        return (norm_rope(q, q_norm, freqs_cis, dtype=v.dtype, out=out[0]),
+                norm_rope(k, k_norm, freqs_cis, dtype=v.dtype, out=out[1]), v)
 
     def forward(self, img: torch.Tensor, txt: torch.Tensor, vec: torch.Tensor, freqs_cis=None,
                 txt_lens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,14 +116,14 @@ class MMDoubleStreamBlock(nn.Module):
         txt_msa, txt_mlp = chunk_modulation(self.txt_mod(vec), 2)
 
         L_img = img.shape[1]
-        if _chunks(L_img, self.chunk_tokens) is None:
+        if torch.is_grad_enabled():  # autograd: plain tensors and a cat
             img_q, img_k, img_v = self._qkv(img, self.img_norm1, img_msa, self.img_attn_qkv, self.img_attn_q_norm,
                                             self.img_attn_k_norm, freqs_cis)  # (B, L_img, nh, hd)
             txt_q, txt_k, txt_v = self._qkv(txt, self.txt_norm1, txt_msa, self.txt_attn_qkv,
                                             self.txt_attn_q_norm, self.txt_attn_k_norm)  # (B, L_txt, nh, hd)
             q, k, v = torch.cat([img_q, txt_q], dim=1), torch.cat([img_k, txt_k], dim=1), torch.cat([img_v, txt_v], dim=1)
             del img_q, img_k, img_v, txt_q, txt_k, txt_v
-        else:  # q, k, v of both streams written chunk by chunk into the joint buffers: no cat, no full temporaries
+        else:  # q, k, v of both streams written (chunk by chunk if set) into the joint buffers: no cat
             B, L_txt, D = txt.shape
             q, k, v = (img.new_empty(B, L_img + L_txt, self.heads_num, D // self.heads_num) for _ in range(3))
             self._qkv_into(img, self.img_norm1, img_msa, self.img_attn_qkv, self.img_attn_q_norm,
@@ -140,11 +142,12 @@ class MMDoubleStreamBlock(nn.Module):
         return img, txt
 
     def _qkv_into(self, x, norm1, mod, qkv, q_norm, k_norm, freqs_cis, bufs, offset: int) -> None:
-        """``_qkv`` (+ RoPE when ``freqs_cis``) over token chunks of x, written into bufs at ``offset + token``."""
+        """``_qkv`` (+ RoPE when ``freqs_cis``) over token chunks of x (or all of it when chunking is off),
+        written into bufs at ``offset + token``: q and k directly by ``norm_rope``, v by a copy."""
         for s in _chunks(x.shape[1], self.chunk_tokens) or [slice(0, x.shape[1])]:
-            q, k, v = self._qkv(x[:, s], norm1, mod, qkv, q_norm, k_norm, _rows(freqs_cis, s))
             dst = slice(offset + s.start, offset + s.stop)
-            bufs[0][:, dst], bufs[1][:, dst], bufs[2][:, dst] = q, k, v
+            _, _, bufs[2][:, dst] = self._qkv(x[:, s], norm1, mod, qkv, q_norm, k_norm, _rows(freqs_cis, s),
+                                              out=(bufs[0][:, dst], bufs[1][:, dst]))
 
     def _mlp_residual(self, x: torch.Tensor, norm2, mlp, mod) -> torch.Tensor:
         """x + gate * MLP(modulate(norm2(x))), over token chunks when ``chunk_tokens`` is set (no_grad)."""
@@ -181,7 +184,6 @@ class MMSingleStreamBlock(nn.Module):
         self.q_norm = RMSNorm(head_dim, eps=1e-6)
         self.k_norm = RMSNorm(head_dim, eps=1e-6)
         self.pre_norm = _layer_norm(hidden_size)
-        self.mlp_act = nn.GELU(approximate="tanh")
         self.modulation = ModulateDiT(hidden_size, factor=3)
 
         self.attn_fn = _attention.attention
@@ -198,32 +200,30 @@ class MMSingleStreamBlock(nn.Module):
             # QK-norm, then RoPE on the image tokens only (text tokens carry no position)
             q = norm_rope(q, self.q_norm, freqs_cis, n_rope=img_len, dtype=v.dtype)
             k = norm_rope(k, self.k_norm, freqs_cis, n_rope=img_len, dtype=v.dtype)
-        else:  # linear1, QK-norm and RoPE per chunk into q, k, v and GELU(mlp_in) buffers
+        else:  # linear1, QK-norm and RoPE per chunk into q, k, v and mlp_in buffers
             B, L, D = x.shape
             q, k, v = (x.new_empty(B, L, self.heads_num, D // self.heads_num) for _ in range(3))
-            mlp_act = x.new_empty(B, L, self.mlp_hidden_dim)
+            mlp_in = x.new_empty(B, L, self.mlp_hidden_dim)
             for s in chunks:
                 x_mod = modulate(self.pre_norm(x[:, s]), shift=mod.shift, scale=mod.scale)
-                qkv_c, mlp_in = torch.split(self.linear1(x_mod), [3 * D, self.mlp_hidden_dim], dim=-1)
-                mlp_act[:, s] = self.mlp_act(mlp_in)
-                del x_mod, mlp_in
-                q_c, k_c, v_c = rearrange(qkv_c, "B L (K nh hd) -> K B L nh hd", K=3, nh=self.heads_num)
+                qkv_c, mlp_in[:, s] = torch.split(self.linear1(x_mod), [3 * D, self.mlp_hidden_dim], dim=-1)
+                del x_mod
+                q_c, k_c, v[:, s] = rearrange(qkv_c, "B L (K nh hd) -> K B L nh hd", K=3, nh=self.heads_num)
                 n_img = max(0, min(s.stop, img_len) - s.start)  # image tokens of this chunk carry RoPE
                 tables = _rows(freqs_cis, slice(s.start, s.start + n_img)) if n_img else None
-                q_c = norm_rope(q_c, self.q_norm, tables, n_rope=n_img, dtype=v_c.dtype)
-                k_c = norm_rope(k_c, self.k_norm, tables, n_rope=n_img, dtype=v_c.dtype)
-                q[:, s], k[:, s], v[:, s] = q_c, k_c, v_c
-                del qkv_c, q_c, k_c, v_c
+                norm_rope(q_c, self.q_norm, tables, n_rope=n_img, dtype=v.dtype, out=q[:, s])
+                norm_rope(k_c, self.k_norm, tables, n_rope=n_img, dtype=v.dtype, out=k[:, s])
+                del qkv_c, q_c, k_c
 
         attn = self.attn_fn(q, k, v, img_len=img_len, txt_lens=txt_lens)  # (B, L, nh, hd)
         attn = rearrange(attn, "B L nh hd -> B L (nh hd)")
+        # linear2([attn | GELU(mlp_in)]): GELU, the concatenation and (FP8) the quantiser in one pass
         if chunks is None:
-            out = self.linear2(torch.cat([attn, self.mlp_act(mlp_in)], dim=-1))
-            return gated_residual(x, out, mod.gate)
+            return gated_residual(x, gelu_linear(self.linear2, mlp_in, prefix=attn), mod.gate)
         del q, k, v  # free the attention inputs before the second half
         res = torch.empty_like(x)  # (B, L, D)
         for s in chunks:
-            res[:, s] = gated_residual(x[:, s], self.linear2(torch.cat([attn[:, s], mlp_act[:, s]], dim=-1)), mod.gate)
+            res[:, s] = gated_residual(x[:, s], gelu_linear(self.linear2, mlp_in[:, s], prefix=attn[:, s]), mod.gate)
         return res
 
 

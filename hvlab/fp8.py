@@ -143,17 +143,38 @@ except ImportError:  # CPU builds of torch come without triton: the eager path i
 if triton is not None:
 
     @triton.jit
-    def _quantize_rows_kernel(x_ptr, y_ptr, scale_ptr, inv_ptr, K, PER_TOKEN: tl.constexpr, BLOCK: tl.constexpr):
+    def _gelu_tanh(x):
+        """GELU, tanh form, in float32 with the constants and operation order of torch's CUDA kernel."""
+        inner = 0.7978845608028654 * (x + 0.044715 * (x * x * x))  # sqrt(2 / pi) (x + 0.044715 x^3)
+        t = 1.0 - 2.0 / (tl.exp(2.0 * inner) + 1.0)  # tanh(inner), saturating cleanly at +-1
+        return 0.5 * x * (1.0 + t)
+
+    @triton.jit
+    def _quantize_rows_kernel(a_ptr, b_ptr, y_ptr, scale_ptr, inv_ptr, KA, KB, sa, sb, PER_TOKEN: tl.constexpr,
+                              GELU_B: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr):
+        # One row of y = [a | act(b)] (K = KA + KB columns): a and b are read once each, y written once.
+        # BLOCK_A = 0 means no a (plain quantisation of b); GELU_B applies GELU to b, rounded to b's dtype
+        # as the eager GELU's output would be, before the row's amax.
         row = tl.program_id(0).to(tl.int64)
-        cols = tl.arange(0, BLOCK)
-        x = tl.load(x_ptr + row * K + cols, mask=cols < K, other=0.0).to(tl.float32)
+        cb = tl.arange(0, BLOCK_B)
+        xb = tl.load(b_ptr + row * sb + cb, mask=cb < KB, other=0.0).to(tl.float32)
+        if GELU_B:
+            xb = _gelu_tanh(xb).to(b_ptr.dtype.element_ty).to(tl.float32)
+        amax = tl.max(tl.abs(xb), axis=0)
+        if BLOCK_A > 0:
+            ca = tl.arange(0, BLOCK_A)
+            xa = tl.load(a_ptr + row * sa + ca, mask=ca < KA, other=0.0).to(tl.float32)
+            amax = tl.maximum(amax, tl.max(tl.abs(xa), axis=0))
         if PER_TOKEN:
-            amax = tl.maximum(tl.max(tl.abs(x), axis=0), 1e-30)  # = _AMAX_FLOOR
+            amax = tl.maximum(amax, 1e-30)  # = _AMAX_FLOOR
             inv = tl.math.div_rn(448.0, amax)
             tl.store(scale_ptr + row, tl.math.div_rn(1.0, inv))
         else:
             inv = tl.load(inv_ptr)
-        tl.store(y_ptr + row * K + cols, (x * inv).to(tl.float8e4nv), mask=cols < K)
+        K = KA + KB
+        if BLOCK_A > 0:
+            tl.store(y_ptr + row * K + ca, (xa * inv).to(tl.float8e4nv), mask=ca < KA)
+        tl.store(y_ptr + row * K + KA + cb, (xb * inv).to(tl.float8e4nv), mask=cb < KB)
 
 
 def _use_triton(x2: torch.Tensor) -> bool:
@@ -161,13 +182,45 @@ def _use_triton(x2: torch.Tensor) -> bool:
             and x2.shape[-1] <= _TRITON_MAX_K)
 
 
+def _launch_quantize(a2, b2, y, scale, inv, gelu: bool) -> None:
+    M, KB = b2.shape
+    KA = 0 if a2 is None else a2.shape[1]
+    block_a = 0 if a2 is None else triton.next_power_of_2(KA)
+    block_b = triton.next_power_of_2(KB)
+    _quantize_rows_kernel[(M,)](b2 if a2 is None else a2, b2, y, scale, scale if inv is None else inv, KA, KB,
+                                0 if a2 is None else a2.stride(0), b2.stride(0), PER_TOKEN=inv is None,
+                                GELU_B=gelu, BLOCK_A=block_a, BLOCK_B=block_b,
+                                num_warps=min(32, max(4, (block_a + block_b) // 512)))
+
+
 def _quantize_triton(x2: torch.Tensor, inv: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     M, K = x2.shape
     y = torch.empty(M, K, dtype=FP8_DTYPE, device=x2.device)
     scale = torch.empty(M, 1, dtype=torch.float32, device=x2.device) if inv is None else inv.reciprocal()
-    block = triton.next_power_of_2(K)
-    _quantize_rows_kernel[(M,)](x2, y, scale, scale if inv is None else inv, K, PER_TOKEN=inv is None,
-                                BLOCK=block, num_warps=min(32, max(4, block // 512)))
+    _launch_quantize(None, x2, y, scale, inv, gelu=False)
+    return y, scale
+
+
+def quantize_gelu_rows(h2: torch.Tensor, prefix2: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token FP8 of the row ``[prefix | GELU_tanh(h)]`` in one pass: (M, Kp + Kh) fp8 and (M, 1) scales.
+
+    The same numbers as ``quantize_activation(torch.cat([prefix, F.gelu(h, approximate="tanh")], -1))``
+    (GELU rounded to h's dtype first, as eager), without writing the GELU output or the concatenation:
+    for the single block's ``linear2`` input that is 3 of the 4 passes over a (L, 15360) activation.
+    CUDA + triton only (`fused.gelu_linear` decides); h2 and prefix2 are (M, K) with unit column stride.
+    """
+    if triton is None or not (h2.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+        raise RuntimeError("quantize_gelu_rows needs a CUDA tensor and triton (or TRITON_INTERPRET=1); "
+                           "use fused.gelu_linear, which falls back")
+    M, KB = h2.shape
+    KA = 0 if prefix2 is None else prefix2.shape[1]
+    if prefix2 is not None and prefix2.shape[0] != M:
+        raise ValueError(f"prefix must have the same rows as h ({M}), got {tuple(prefix2.shape)}")
+    if KA + KB > _TRITON_MAX_K or h2.stride(1) != 1 or (prefix2 is not None and prefix2.stride(1) != 1):
+        raise ValueError(f"rows must have unit column stride and at most {_TRITON_MAX_K} columns, got {KA + KB}")
+    y = torch.empty(M, KA + KB, dtype=FP8_DTYPE, device=h2.device)
+    scale = torch.empty(M, 1, dtype=torch.float32, device=h2.device)
+    _launch_quantize(prefix2, h2, y, scale, None, gelu=True)
     return y, scale
 
 
@@ -257,27 +310,33 @@ class FP8Linear(nn.Module):
         return F.linear(x, self.dequantized_weight(x.dtype), bias)
 
     def _forward_scaled_mm(self, x: torch.Tensor) -> torch.Tensor:
-        lead, K, N = x.shape[:-1], self.in_features, self.out_features
+        lead, K = x.shape[:-1], self.in_features
         x2 = x.reshape(-1, K).contiguous()  # (M, K), row-major as _scaled_mm requires
         x_fp8, s_x = quantize_activation(x2, self.per_token)
+        return self.forward_fp8(x_fp8, s_x, x.dtype).reshape(*lead, self.out_features)
+
+    def forward_fp8(self, x_fp8: torch.Tensor, s_x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The FP8 GEMM on an already quantized (M, K) input with its scale ((M, 1) or ()); returns (M, N)
+        in ``dtype``. `_forward_scaled_mm` quantizes and calls it; `fused.gelu_linear` quantizes in its own pass."""
+        N = self.out_features
         s_w = self.weight_scale
         rowwise = s_x.dim() > 0 or s_w.dim() > 0
         if rowwise:  # scale_a (M, 1), scale_b (1, N), float32 and contiguous; the output must be bf16
-            s_x = s_x.reshape(-1, 1).expand(x2.shape[0], 1).contiguous()
+            s_x = s_x.reshape(-1, 1).expand(x_fp8.shape[0], 1).contiguous()
             s_w = s_w.reshape(1, -1).expand(1, N).contiguous()
             out_dtype = torch.bfloat16
         else:  # one scale each: 0-d float32 tensors, any float output dtype
-            out_dtype = x.dtype
+            out_dtype = dtype
         fuse_bias = self.bias is not None and self.bias.dtype == out_dtype and out_dtype != torch.float32
         y = torch._scaled_mm(
             x_fp8, self.weight.t(),  # (M, K) @ (K, N): weight.t() is the column-major operand it wants
             scale_a=s_x, scale_b=s_w, bias=self.bias if fuse_bias else None,
             out_dtype=out_dtype, use_fast_accum=self.use_fast_accum,
         )
-        y = y.to(x.dtype)
+        y = y.to(dtype)
         if self.bias is not None and not fuse_bias:
-            y = y + self.bias.to(x.dtype)
-        return y.reshape(*lead, N)
+            y = y + self.bias.to(dtype)
+        return y
 
     def _apply(self, fn, recurse=True):
         w, s = self.weight.detach(), self.weight_scale.detach()  # aliases survive a tensor swap

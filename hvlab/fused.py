@@ -16,6 +16,12 @@ On CUDA with triton, and when no gradient is needed, a Triton kernel runs it (on
 all heads, everything in registers, float32 maths and the same roundings to the output dtype as the
 eager code). Otherwise the eager reference below runs: the exact code the blocks used before, so CPU
 results, training and autograd are unchanged. ``tests/test_fused.py`` checks kernel == reference.
+On an H100 at 720p, one q: eager 15.5 ms, kernel 0.55 ms (2.7 TB/s of traffic). Its first version
+loaded even and odd channels with stride-2 accesses and took 5.3 ms: for a memory-bound kernel, how
+the bytes are touched matters as much as how many (docs/benchmarks.md).
+
+``gelu_linear`` (the end of this file) does the same for the MLP's second half: GELU, the single
+block's concatenation [attention | GELU] and the FP8 activation quantiser in one pass.
 """
 from __future__ import annotations
 
@@ -23,6 +29,7 @@ import warnings
 
 import torch
 
+from .fp8 import FP8Linear, quantize_gelu_rows
 from .rope import rotate
 
 try:
@@ -52,10 +59,12 @@ _kernel_failed = False  # set when the kernel could not be built or run here (th
 _kernel_verified = False  # set after the first kernel call of the process agreed with the eager path
 
 
-def _use_kernel(x: torch.Tensor, weight: torch.Tensor) -> bool:
+def _use_kernel(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None) -> bool:
     grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    hd = x.shape[-1]
     return (triton is not None and not _kernel_failed and x.is_cuda and not grad and x.stride(-1) == 1
-            and x.shape[-1] % 2 == 0 and x.numel() > 0)
+            and hd % 2 == 0 and hd == triton.next_power_of_2(hd) and x.numel() > 0
+            and (out is None or (out.stride(-1) == 1 and out.stride(-2) == hd)))
 
 
 def _switch_off(why: str) -> None:
@@ -66,12 +75,14 @@ def _switch_off(why: str) -> None:
 
 
 def norm_rope(x: torch.Tensor, norm, freqs_cis=None, n_rope: int | None = None,
-              dtype: torch.dtype | None = None, backend: str = "auto") -> torch.Tensor:
+              dtype: torch.dtype | None = None, backend: str = "auto", out: torch.Tensor | None = None) -> torch.Tensor:
     """RMSNorm per head then RoPE on the first ``n_rope`` tokens, in one pass where a kernel can run.
 
     Same arguments and result as ``norm_rope_reference``. ``backend``: "auto" (the kernel where it can
     run), "eager" (the reference), or "kernel" (the Triton kernel, also on CPU tensors under
-    ``TRITON_INTERPRET=1``: how the tests check its logic without a GPU).
+    ``TRITON_INTERPRET=1``: how the tests check its logic without a GPU). ``out``: a (B, L, nh, hd) tensor
+    (typically a token slice of the joint q / k buffer of a block) to write the result into, and return,
+    instead of a new one; the kernel writes there directly, which saves the copy a ``torch.cat`` would make.
     """
     if backend not in ("auto", "eager", "kernel"):
         raise ValueError(f"backend must be 'auto', 'eager' or 'kernel', got {backend!r}")
@@ -84,11 +95,18 @@ def norm_rope(x: torch.Tensor, norm, freqs_cis=None, n_rope: int | None = None,
         if cos.shape != (n, hd) or sin.shape != (n, hd):
             raise ValueError(f"RoPE tables must be (n_rope, head_dim) = ({n}, {hd}) for q of shape {tuple(x.shape)}; "
                              f"got cos {tuple(cos.shape)} and sin {tuple(sin.shape)}")
-    if backend == "eager" or (backend == "auto" and not _use_kernel(x, norm.weight)):
-        return norm_rope_reference(x, norm, freqs_cis, n_rope, dtype)
+    if out is not None and (out.shape != x.shape or out.dtype != (dtype or x.dtype)):
+        raise ValueError(f"out must be a {dtype or x.dtype} tensor of shape {tuple(x.shape)}, "
+                         f"got {out.dtype} {tuple(out.shape)}")
+    if backend == "eager" or (backend == "auto" and not _use_kernel(x, norm.weight, out)):
+        ref = norm_rope_reference(x, norm, freqs_cis, n_rope, dtype)
+        return ref if out is None else out.copy_(ref)
     # the output dtype of the eager code: promote(x, weight) from RMSNorm, then .to(dtype)
     mid = torch.promote_types(x.dtype, norm.weight.dtype)
-    out = torch.empty(B, L, nh, hd, dtype=dtype or x.dtype, device=x.device)
+    if out is None:
+        out = torch.empty(B, L, nh, hd, dtype=dtype or x.dtype, device=x.device)
+    elif out.stride(3) != 1 or out.stride(2) != hd:
+        raise ValueError(f"out must have contiguous heads (strides (..., {hd}, 1)), got strides {out.stride()}")
     if freqs_cis is None:
         cos = sin = x.new_empty(0, dtype=torch.float32)
         n = 0
@@ -96,16 +114,12 @@ def norm_rope(x: torch.Tensor, norm, freqs_cis=None, n_rope: int | None = None,
         cos = cos.to(x.device, torch.float32).contiguous()
         sin = sin.to(x.device, torch.float32).contiguous()
     try:
-        _norm_rope_kernel[(B * L,)](
-            x, norm.weight, cos, sin, out, L, nh, n, x.stride(0), x.stride(1), x.stride(2), float(norm.eps),
-            HD=hd, HALF=hd // 2, NH_P=triton.next_power_of_2(nh), X_BF16=x.dtype == torch.bfloat16,
-            X_F16=x.dtype == torch.float16, MID_BF16=mid == torch.bfloat16, MID_F16=mid == torch.float16,
-            num_warps=4)
+        _launch(x, norm, cos, sin, out, n, mid)
     except Exception as e:  # a triton that cannot build it: say so once, then run the eager definition
         if backend == "kernel":
             raise
         _switch_off(f"failed ({type(e).__name__}: {str(e)[:200]})")
-        return norm_rope_reference(x, norm, freqs_cis, n_rope, dtype)
+        return out.copy_(norm_rope_reference(x, norm, freqs_cis, n_rope, dtype))
     global _kernel_verified
     if backend == "auto" and not _kernel_verified:
         # First use in this process: check the kernel against the eager definition on this very input's
@@ -117,9 +131,26 @@ def norm_rope(x: torch.Tensor, norm, freqs_cis=None, n_rope: int | None = None,
         stats = agreement(out[:, :m], ref)
         if not stats["ok"]:
             _switch_off(f"disagrees with the eager path here ({stats})")
-            return norm_rope_reference(x, norm, freqs_cis, n_rope, dtype)
+            return out.copy_(norm_rope_reference(x, norm, freqs_cis, n_rope, dtype))
         _kernel_verified = True
     return out
+
+
+# How the kernel finds a channel's rotation partner (2j <-> 2j+1): "split" regroups the loaded row into
+# pairs in registers (tl.reshape + tl.split / tl.join); "gather" loads the partner a second time from the
+# cache at address c ^ 1. Both read and write the row contiguously. scripts/gpu/bench_norm_rope.py times them.
+PAIR_MODES = ("split", "gather")
+pair_mode = "split"
+num_warps = 8
+
+
+def _launch(x, norm, cos, sin, out, n, mid) -> None:
+    B, L, nh, hd = x.shape
+    _norm_rope_kernel[(B * L,)](
+        x, norm.weight, cos, sin, out, L, nh, n, x.stride(0), x.stride(1), x.stride(2), out.stride(0),
+        out.stride(1), float(norm.eps), HD=hd, NH_P=triton.next_power_of_2(nh), X_BF16=x.dtype == torch.bfloat16,
+        X_F16=x.dtype == torch.float16, MID_BF16=mid == torch.bfloat16, MID_F16=mid == torch.float16,
+        SPLIT=pair_mode == "split", num_warps=num_warps)
 
 
 def agreement(out: torch.Tensor, ref: torch.Tensor) -> dict:
@@ -129,8 +160,10 @@ def agreement(out: torch.Tensor, ref: torch.Tensor) -> dict:
     output channel moves by about one ulp of its rotation pair's length (RoPE mixes the pair), which
     can be large *relative* to a channel that happens to be near zero. So errors are measured against
     the pair's length |(y_2j, y_2j+1)|: ``max_pair_ulps`` (in ulps of the dtype), the share of elements
-    that differ at all, and the whole tensor's relative error. ``ok``: <= 4 (units of 2^-8 of the pair's
-    length for bf16: two ulps of a channel at the top of its binade), < 2 % differing, < 2e-3.
+    that differ at all, and the whole tensor's relative error. ``ok`` for bf16 / fp16: <= 4 (units of
+    2^-8 of the pair's length for bf16: two ulps of a channel at the top of its binade), < 2 % differing,
+    rel < 2e-3. In float32 nearly every element differs in its last bits (summation order, sqrt), so
+    there: <= 64 pair ulps (4e-6 of the pair's length) and rel < 1e-6, whatever share differs.
     """
     o, r = out.float(), ref.float()
     pair = r.unflatten(-1, (-1, 2)).norm(dim=-1, keepdim=True).expand(*r.shape[:-1], -1, 2).flatten(-2)
@@ -139,7 +172,10 @@ def agreement(out: torch.Tensor, ref: torch.Tensor) -> dict:
     stats = dict(max_pair_ulps=round((d / (pair * ulp).clamp(min=1e-30)).max().item(), 3),
                  differ=round((out != ref).float().mean().item(), 5),
                  rel=float(f"{(d.norm() / r.norm().clamp(min=1e-30)).item():.3g}"))
-    stats["ok"] = stats["max_pair_ulps"] <= 4 and stats["differ"] < 0.02 and stats["rel"] < 2e-3
+    if ref.dtype in (torch.bfloat16, torch.float16):
+        stats["ok"] = stats["max_pair_ulps"] <= 4 and stats["differ"] < 0.02 and stats["rel"] < 2e-3
+    else:
+        stats["ok"] = stats["max_pair_ulps"] <= 64 and stats["rel"] < 1e-6
     return stats
 
 
@@ -155,38 +191,83 @@ if triton is not None:
         return v
 
     @triton.jit
-    def _norm_rope_kernel(x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, L, nh, n_rope, sxb, sxl, sxh, eps,
-                          HD: tl.constexpr, HALF: tl.constexpr, NH_P: tl.constexpr, X_BF16: tl.constexpr,
-                          X_F16: tl.constexpr, MID_BF16: tl.constexpr, MID_F16: tl.constexpr):
+    def _norm_rope_kernel(x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, L, nh, n_rope, sxb, sxl, sxh, sob, sol, eps,
+                          HD: tl.constexpr, NH_P: tl.constexpr, X_BF16: tl.constexpr, X_F16: tl.constexpr,
+                          MID_BF16: tl.constexpr, MID_F16: tl.constexpr, SPLIT: tl.constexpr):
         tok = tl.program_id(0).to(tl.int64)
         b = tok // L
         l = tok % L
         h = tl.arange(0, NH_P)[:, None]  # (NH_P, 1)
-        j = tl.arange(0, HALF)[None, :]  # (1, HALF): rotation pair j = channels (2j, 2j+1)
-        mask = (h < nh) & (j < HALF)
-        src = x_ptr + b * sxb + l * sxl + h * sxh + 2 * j
-        xe = tl.load(src, mask=mask, other=0.0).to(tl.float32)
-        xo = tl.load(src + 1, mask=mask, other=0.0).to(tl.float32)
-        ms = tl.sum(xe * xe + xo * xo, axis=1) / HD  # (NH_P,) mean of squares per head
+        c = tl.arange(0, HD)[None, :]  # (1, HD) channels, read and written contiguously
+        mask = (h < nh) & (c < HD)
+        src = x_ptr + b * sxb + l * sxl + h * sxh
+        x = tl.load(src + c, mask=mask, other=0.0).to(tl.float32)  # (NH_P, HD)
+        ms = tl.sum(x * x, axis=1) / HD  # (NH_P,) mean of squares per head
         r = (1.0 / tl.sqrt_rn(ms + eps))[:, None]
-        # RMSNorm: normalised in float32, cast back to x's dtype, times the weight (in the promoted dtype)
-        we = tl.load(w_ptr + 2 * j).to(tl.float32)
-        wo = tl.load(w_ptr + 2 * j + 1).to(tl.float32)
-        ye = _round_to(_round_to(xe * r, X_BF16, X_F16) * we, MID_BF16, MID_F16)
-        yo = _round_to(_round_to(xo * r, X_BF16, X_F16) * wo, MID_BF16, MID_F16)
-        # .to(dtype): the out pointer's dtype; RoPE reads that rounded value, as the eager code does
-        ye = ye.to(out_ptr.dtype.element_ty).to(tl.float32)
-        yo = yo.to(out_ptr.dtype.element_ty).to(tl.float32)
+        # RMSNorm: normalised in float32, cast back to x's dtype, times the weight (in the promoted dtype);
+        # then .to(dtype) = the out pointer's dtype: RoPE reads that rounded value, as the eager code does
+        w = tl.load(w_ptr + c).to(tl.float32)
+        y = _round_to(_round_to(x * r, X_BF16, X_F16) * w, MID_BF16, MID_F16)
+        y = y.to(out_ptr.dtype.element_ty).to(tl.float32)
         if l < n_rope:
-            ce = tl.load(cos_ptr + l * HD + 2 * j)
-            co = tl.load(cos_ptr + l * HD + 2 * j + 1)
-            se = tl.load(sin_ptr + l * HD + 2 * j)
-            so = tl.load(sin_ptr + l * HD + 2 * j + 1)
-            # (a, b) -> (a cos - b sin, b cos + a sin); products rounded apart, as in xf*cos + rot(xf)*sin
-            re = tl.fma(ye, ce, 0.0) + tl.fma(-yo, se, 0.0)
-            ro = tl.fma(yo, co, 0.0) + tl.fma(ye, so, 0.0)
-            ye = re
-            yo = ro
-        dst = out_ptr + tok * (nh * HD) + h * HD + 2 * j
-        tl.store(dst, ye.to(out_ptr.dtype.element_ty), mask=mask)
-        tl.store(dst + 1, yo.to(out_ptr.dtype.element_ty), mask=mask)
+            cs = tl.load(cos_ptr + l * HD + c)
+            sn = tl.load(sin_ptr + l * HD + c)
+            # partner p[2j] = -y[2j+1], p[2j+1] = y[2j]: out = y cos + p sin (products rounded apart, as eager)
+            if SPLIT:
+                ye, yo = tl.split(tl.reshape(y, (NH_P, HD // 2, 2)))
+                p = tl.reshape(tl.join(-yo, ye), (NH_P, HD))
+            else:
+                xp = tl.load(src + (c ^ 1), mask=mask, other=0.0).to(tl.float32)
+                wp = tl.load(w_ptr + (c ^ 1)).to(tl.float32)
+                yp = _round_to(_round_to(xp * r, X_BF16, X_F16) * wp, MID_BF16, MID_F16)
+                yp = yp.to(out_ptr.dtype.element_ty).to(tl.float32)
+                p = tl.where((c % 2) == 0, -yp, yp)
+            y = tl.fma(y, cs, 0.0) + tl.fma(p, sn, 0.0)
+        dst = out_ptr + b * sob + l * sol + h * HD + c
+        tl.store(dst, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# --------------------------------------------------------------------------------- GELU into a linear layer
+def gelu_linear(linear: torch.nn.Module, h: torch.Tensor, prefix: torch.Tensor | None = None) -> torch.Tensor:
+    """``linear(cat([prefix, GELU_tanh(h)], -1))``: the MLP's second half, and the single block's ``linear2``
+    (prefix = the attention output, h = the MLP half of ``linear1``'s output).
+
+    Written out, that is GELU (a pass over h), the concatenation (a second copy of both), then, for an FP8
+    layer, the activation quantiser (a third pass). Here:
+
+    - an `FP8Linear` running FP8 GEMMs on CUDA (no autograd): one Triton pass reads prefix and h, applies
+      GELU, and writes the FP8 row with its per-token scale (`fp8.quantize_gelu_rows`), then the GEMM;
+    - otherwise without autograd: GELU is written straight into its columns of the joint input (no
+      concatenation copy of it);
+    - with autograd: the plain composition.
+
+    h (..., Kh), prefix (..., Kp) or None, ``linear.in_features == Kp + Kh``. Returns (..., out_features).
+    """
+    Kp = 0 if prefix is None else prefix.shape[-1]
+    Kh = h.shape[-1]
+    if Kp + Kh != linear.in_features:
+        raise ValueError(f"gelu_linear: prefix ({Kp}) + h ({Kh}) columns must equal linear.in_features = "
+                         f"{linear.in_features}")
+    if prefix is not None and prefix.shape[:-1] != h.shape[:-1]:
+        raise ValueError(f"gelu_linear: prefix {tuple(prefix.shape)} and h {tuple(h.shape)} must share leading dims")
+    lead = h.shape[:-1]
+    grad = torch.is_grad_enabled() and (h.requires_grad or (prefix is not None and prefix.requires_grad)
+                                        or any(p.requires_grad for p in linear.parameters()))
+    if (not grad and isinstance(linear, FP8Linear) and linear.mode == "scaled_mm" and linear.scaled_mm_shapes_ok
+            and linear.per_token and triton is not None and h.is_cuda and h.dtype in (torch.bfloat16, torch.float16)
+            and (prefix is None or prefix.dtype == h.dtype) and Kp + Kh <= 32768):
+        h2 = h.reshape(-1, Kh)
+        p2 = None if prefix is None else prefix.reshape(-1, Kp)
+        if h2.stride(-1) != 1:
+            h2 = h2.contiguous()
+        if p2 is not None and p2.stride(-1) != 1:
+            p2 = p2.contiguous()
+        x_fp8, s_x = quantize_gelu_rows(h2, p2)
+        return linear.forward_fp8(x_fp8, s_x, h.dtype).reshape(*lead, linear.out_features)
+    if grad or prefix is None:
+        act = torch.nn.functional.gelu(h, approximate="tanh")
+        return linear(act if prefix is None else torch.cat([prefix, act], dim=-1))
+    x = h.new_empty(*lead, Kp + Kh)  # the joint input, filled in place
+    x[..., :Kp] = prefix
+    torch.ops.aten.gelu.out(h, approximate="tanh", out=x[..., Kp:])
+    return linear(x)

@@ -274,7 +274,8 @@ def memory_fraction(device: torch.device | str) -> float:
     get = getattr(torch.cuda, "get_per_process_memory_fraction", None)
     if get is None or not torch.cuda.is_initialized():  # setting a fraction initialises CUDA
         return 1.0
-    return float(get(torch.device(device)))
+    d = torch.device(device)  # it wants an index: "cuda" means the current card
+    return float(get(d.index if d.index is not None else torch.cuda.current_device()))
 
 
 def available_GiB(device: torch.device | str | None = None, cap_GiB: float | None = None) -> tuple[float, str]:
