@@ -95,26 +95,27 @@ def test_suggested_settings_fit_and_then_loading_starts(release, monkeypatch):
 def test_plan_size_cap_fraction_and_fp8_file_are_taken_into_account(release, monkeypatch):
     base, reads = release
     fake_card(monkeypatch, 80.0)
-    small = release_estimate(fp8=True, resident=("dit",), size=(256, 256, 33))
-    big = release_estimate(fp8=True, resident=("dit",))
+    small = release_estimate(fp8=True, resident=("dit",))  # the default plan: 720p x 129 frames
+    big = release_estimate(fp8=True, resident=("dit",), size=(1088, 1920, 129))
+    assert big["peak_GiB"] > small["peak_GiB"] + 5  # the larger video's DiT stage outgrows the text stage
     cap = (small["peak_GiB"] + big["peak_GiB"]) / 2
     with pytest.raises(M.MemoryPlanError, match=f"cap is {cap:.1f} GiB"):
-        load_pipeline(base, device="cuda", fp8=True, cpu_offload=True, memory_limit_gib=cap)
+        load_pipeline(base, device="cuda", fp8=True, cpu_offload=True, memory_limit_gib=cap, plan_size=(129, 1088, 1920))
     with pytest.raises(ReadWeights):
-        load_pipeline(base, device="cuda", fp8=True, cpu_offload=True, memory_limit_gib=cap, plan_size=(33, 256, 256))
+        load_pipeline(base, device="cuda", fp8=True, cpu_offload=True, memory_limit_gib=cap)
     with pytest.raises(M.MemoryPlanError, match="cap is"):  # a cap checks a CPU load too
-        load_pipeline(base, device="cpu", fp8=True, cpu_offload=True, memory_limit_gib=cap)
+        load_pipeline(base, device="cpu", fp8=True, cpu_offload=True, memory_limit_gib=cap, plan_size=(129, 1088, 1920))
     # torch.cuda.set_per_process_memory_fraction's cap
     monkeypatch.setattr(M, "memory_fraction", lambda device: cap / 80.0)
     with pytest.raises(M.MemoryPlanError, match=r"set_per_process_memory_fraction\(0\.\d+\) allows"):
-        load_pipeline(base, device="cuda", fp8=True, cpu_offload=True)
+        load_pipeline(base, device="cuda", fp8=True, cpu_offload=True, plan_size=(129, 1088, 1920))
     # only the FP8 pair on disk: the loader will use it, so the plan counts FP8 weights without fp8=True
     dit = base / RELEASE_FILES["dit"]
     dit.unlink()
     for key in ("dit_fp8", "dit_fp8_map"):
         (base / RELEASE_FILES[key]).write_text("")
     with pytest.raises(M.MemoryPlanError, match="DiT fp8 weights"):
-        load_pipeline(base, device="cuda", cpu_offload=True)
+        load_pipeline(base, device="cuda", cpu_offload=True, plan_size=(129, 1088, 1920))
     assert len(reads) == 1
     with pytest.raises(ValueError, match=r"plan_size must be \(video_length, height, width\)"):
         load_pipeline(base, device="cuda", plan_size=(720, 1280))
@@ -138,22 +139,22 @@ def test_resident_weights_count_in_every_stage_and_untiled_vae_costs_more():
 
 def test_cli_fails_before_loading_for_the_size_it_is_asked(release, monkeypatch, tmp_path, capsys):
     base, reads = release
-    est = release_estimate(fp8=True, resident=("dit",))
-    small = release_estimate(fp8=True, resident=("dit",), size=(256, 256, 33))
+    est = release_estimate(fp8=True, resident=("dit",), size=(1088, 1920, 129))
+    small = release_estimate(fp8=True, resident=("dit",))  # 720p x 129: its text stage is its peak
     card = (est["peak_GiB"] + small["peak_GiB"]) / 2
     fake_card(monkeypatch, card)
     argv = ["generate", "a cat", "--model-base", str(base), "--device", "cuda", "--quiet", "--fp8", "--cpu-offload",
             "--save-path", str(tmp_path / "out")]
     with pytest.raises(SystemExit) as err:
-        cli.main(argv + ["--video-size", "720", "1280", "--video-length", "129"])
+        cli.main(argv + ["--video-size", "1088", "1920", "--video-length", "129"])
     assert err.value.code == 2
     msg = capsys.readouterr().err
-    assert "720x1280x129" in msg and f"~{est['peak_GiB']:.1f} GiB" in msg and f"{card:.1f} GiB free" in msg
+    assert "1088x1920x129" in msg and f"~{est['peak_GiB']:.1f} GiB" in msg and f"{card:.1f} GiB free" in msg
     with pytest.raises(ReadWeights):  # the smaller video fits: loading begins
-        cli.main(argv + ["--video-size", "256", "256", "--video-length", "33"])
+        cli.main(argv + ["--video-size", "720", "1280", "--video-length", "129"])
     with pytest.raises(ReadWeights):
-        cli.main(argv + ["--no-memory-check"])
+        cli.main(argv + ["--video-size", "1088", "1920", "--video-length", "129", "--no-memory-check"])
     with pytest.raises(SystemExit):
-        cli.main(argv + ["--video-size", "256", "256", "--video-length", "33", "--memory-limit-gib",
+        cli.main(argv + ["--video-size", "720", "1280", "--video-length", "129", "--memory-limit-gib",
                          f"{small['peak_GiB'] - 0.5:.1f}"])
     assert "cap is" in capsys.readouterr().err and len(reads) == 2
