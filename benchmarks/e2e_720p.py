@@ -33,15 +33,10 @@ sys.path.insert(0, os.path.join(HERE, ".."))
 sys.path.insert(0, HERE)
 
 from bench_dit import free, init_random_, sync  # noqa: E402
-from hvlab.memory import GiB, check_fits, describe, estimate_pipeline_memory  # noqa: E402
+from hvlab.memory import GiB, check_fits, cuda_index, describe, estimate_pipeline_memory  # noqa: E402
 from hvlab.model import HYVIDEO_T2_CONFIG, TINY_CONFIG, HYVideoDiffusionTransformer  # noqa: E402
 
 PROMPT = "A cat walks on the grass, realistic style."
-
-
-def cuda_index(device: torch.device) -> int:
-    """The card's index: memory-fraction calls refuse a bare torch.device("cuda")."""
-    return device.index if device.index is not None else torch.cuda.current_device()
 
 
 class Stage:

@@ -29,7 +29,7 @@ import warnings
 
 import torch
 
-from .fp8 import FP8Linear, quantize_gelu_rows
+from .fp8 import _TRITON_MAX_K, FP8Linear, quantize_gelu_rows
 from .rope import rotate
 
 try:
@@ -138,7 +138,7 @@ def norm_rope(x: torch.Tensor, norm, freqs_cis=None, n_rope: int | None = None,
 
 # How the kernel finds a channel's rotation partner (2j <-> 2j+1): "split" regroups the loaded row into
 # pairs in registers (tl.reshape + tl.split / tl.join); "gather" loads the partner a second time from the
-# cache at address c ^ 1. Both read and write the row contiguously. scripts/gpu/bench_norm_rope.py times them.
+# cache at address c ^ 1. Both read and write the row contiguously. scripts/gpu/bench_kernels.py times them.
 PAIR_MODES = ("split", "gather")
 pair_mode = "split"
 num_warps = 8
@@ -255,7 +255,7 @@ def gelu_linear(linear: torch.nn.Module, h: torch.Tensor, prefix: torch.Tensor |
                                         or any(p.requires_grad for p in linear.parameters()))
     if (not grad and isinstance(linear, FP8Linear) and linear.mode == "scaled_mm" and linear.scaled_mm_shapes_ok
             and linear.per_token and triton is not None and h.is_cuda and h.dtype in (torch.bfloat16, torch.float16)
-            and (prefix is None or prefix.dtype == h.dtype) and Kp + Kh <= 32768):
+            and (prefix is None or prefix.dtype == h.dtype) and Kp + Kh <= _TRITON_MAX_K):
         h2 = h.reshape(-1, Kh)
         p2 = None if prefix is None else prefix.reshape(-1, Kp)
         if h2.stride(-1) != 1:

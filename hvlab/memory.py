@@ -269,13 +269,18 @@ def card_memory(device: torch.device | str) -> tuple[int, int]:
     return torch.cuda.mem_get_info(torch.device(device))
 
 
+def cuda_index(device: torch.device | str) -> int:
+    """The card's index: torch's memory-fraction calls refuse a bare ``torch.device("cuda")`` (the current card)."""
+    d = torch.device(device)
+    return d.index if d.index is not None else torch.cuda.current_device()
+
+
 def memory_fraction(device: torch.device | str) -> float:
     """The cap ``torch.cuda.set_per_process_memory_fraction`` put on this process (1.0 when none is readable)."""
     get = getattr(torch.cuda, "get_per_process_memory_fraction", None)
     if get is None or not torch.cuda.is_initialized():  # setting a fraction initialises CUDA
         return 1.0
-    d = torch.device(device)  # it wants an index: "cuda" means the current card
-    return float(get(d.index if d.index is not None else torch.cuda.current_device()))
+    return float(get(cuda_index(device)))
 
 
 def available_GiB(device: torch.device | str | None = None, cap_GiB: float | None = None) -> tuple[float, str]:

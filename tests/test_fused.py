@@ -250,7 +250,7 @@ INTERPRETED_GELU = textwrap.dedent("""
         inv = torch.full((33, 1), 448.0) / x.float().abs().amax(1, keepdim=True)
         # (the interpreter's own float32 -> fp8 cast is not the GPU's round-to-nearest, so the bytes of this
         # path are checked on the GPU, tests/test_fp8.py; here: its scales, which are the IEEE maths)
-        res[f"{dt}/plain"] = dict(equal=bool(torch.equal(qs, inv.reciprocal())))
+        res[f"{dt}/plain"] = dict(scale_exact=bool(torch.equal(qs, inv.reciprocal())))
     print(json.dumps(res))
 """)
 
@@ -266,7 +266,7 @@ def test_gelu_quantiser_logic_under_the_triton_interpreter_matches_the_eager_mat
 
     res = json.loads(run.stdout.strip().splitlines()[-1])
     for dt in ("torch.float16", "torch.float32"):
-        assert res[f"{dt}/plain"]["equal"], res
+        assert res[f"{dt}/plain"]["scale_exact"], res
         for with_prefix, K in ((True, 128), (False, 80)):
             r = res[f"{dt}/{with_prefix}"]
             assert r["shape"] == [66, K], res

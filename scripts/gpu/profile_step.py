@@ -10,6 +10,7 @@ Prints, per implementation (hvlab FP8 scaled_mm, hvlab bf16), the step time, the
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 
@@ -18,9 +19,8 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "benchmarks"))
 
-from bench_dit import SIZES, build_hvlab, make_inputs, sdpa_context, step_fn, sync, free, tokens  # noqa: E402
+from bench_dit import SIZES, build_hvlab, free, make_inputs, sdpa_context, step_fn, sync, tokens  # noqa: E402
 from hvlab.model import HYVIDEO_T2_CONFIG  # noqa: E402
-import dataclasses  # noqa: E402
 
 
 def group(name: str) -> str:
