@@ -2,7 +2,7 @@
 
 Implementations, each in the same run and on the same card:
   hvlab-bf16               HYVideoDiffusionTransformer in bf16
-  hvlab-fp8                the same with FP8 GEMMs (hvlab.fp8.convert_to_fp8, mode "scaled_mm")
+  hvlab-fp8                the same with FP8 GEMMs (hvlab.fast.fp8.convert_to_fp8, mode "scaled_mm")
   hvlab-fp8-weight-only    (not run by default) the official FP8 behaviour: fp8 storage, bf16 math
   diffusers                diffusers' HunyuanVideoTransformer3DModel in bf16, its default attention (if importable)
 
@@ -86,9 +86,12 @@ def _materialise(model: torch.nn.Module, device: torch.device, seed: int) -> tor
     return init_random_(model.to_empty(device=device), seed)
 
 
-def build_hvlab(config: HYVideoConfig, device: torch.device, seed: int) -> torch.nn.Module:
-    model = HYVideoDiffusionTransformer(config, device="meta", dtype=torch.bfloat16)
-    return _materialise(model, device, seed).eval()
+def build_hvlab(config: HYVideoConfig, device: torch.device, seed: int, fast: bool = True) -> torch.nn.Module:
+    """hvlab's DiT with random weights; ``fast``: with the fast wing's blocks (``hvlab.fast.accelerate``)."""
+    from hvlab.fast import accelerate
+
+    model = _materialise(HYVideoDiffusionTransformer(config, device="meta", dtype=torch.bfloat16), device, seed)
+    return (accelerate(model) if fast else model).eval()
 
 
 def diffusers_kwargs(config: HYVideoConfig) -> dict:
@@ -171,7 +174,7 @@ def run_one(impl: str, size: str, grid, config: HYVideoConfig, device, steps: in
         else:
             model = build_hvlab(config, device, seed)
             if impl.startswith("hvlab-fp8"):
-                from hvlab.fp8 import convert_to_fp8, fp8_param_share, set_fp8_mode
+                from hvlab.fast.fp8 import convert_to_fp8, fp8_param_share, set_fp8_mode
 
                 mode = "weight_only" if impl == "hvlab-fp8-weight-only" else "scaled_mm"
                 convert_to_fp8(model, mode="weight_only", use_fast_accum=fast_accum)
@@ -254,7 +257,7 @@ def main(argv: list[str] | None = None) -> dict:
                    help="hvlab-fp8: exact fp32 accumulation instead of Hopper's fast FP8 accumulation (the default)")
     p.add_argument("--norm-rope", nargs=2, metavar=("PAIRS", "WARPS"), default=None,
                    help="hvlab: the QK-norm + RoPE kernel's setting, e.g. 'split 4' (scripts/gpu/bench_kernels.py "
-                        "prints the fastest); default: hvlab.fused's")
+                        "prints the fastest); default: hvlab.fast.kernels's")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="output folder (default: $OUT, else ./outputs)")
     args = p.parse_args(argv)
@@ -284,7 +287,7 @@ def main(argv: list[str] | None = None) -> dict:
     except (ImportError, ValueError):
         pass
 
-    from hvlab import fused
+    from hvlab.fast import kernels as fused
 
     if args.norm_rope:
         if args.norm_rope[0] not in fused.PAIR_MODES or not args.norm_rope[1].isdigit():

@@ -1,10 +1,10 @@
-"""Time one 720p DiT step with Ulysses sequence parallelism (hvlab.parallel) at degrees 1, 2, 4, bf16 and FP8.
+"""Time one 720p DiT step with Ulysses sequence parallelism (hvlab.fast.parallel) at degrees 1, 2, 4, bf16 and FP8.
 
 Every configuration runs in the same job on the same cards, so the speedup over degree 1 is measured, not
 recalled: degree d uses ranks 0..d-1 (a `dist.new_group`) while the others wait; degree 1 is the plain model
 on rank 0. Each rank builds the 13B model (random weights, bench_dit's `init_random_`: normal std 0.02, the
 same seed on every rank so all ranks hold the same weights) directly on its GPU; FP8 converts the same model
-in place after the bf16 rows (hvlab.fp8.convert_to_fp8, then mode "scaled_mm" as in bench_dit).
+in place after the bf16 rows (hvlab.fast.fp8.convert_to_fp8, then mode "scaled_mm" as in bench_dit).
 Inputs are bench_dit's: latent 16 x 33 x 90 x 160 (720 x 1280, 129 frames; 118,800 video tokens), 256 text
 tokens of which 24 are real, guidance 6016.
 
@@ -40,7 +40,7 @@ sys.path.insert(0, HERE)
 from bench_dit import TEXT_LEN, TEXT_REAL, build_hvlab, make_inputs, sdpa_context, tokens  # noqa: E402
 
 from hvlab.model import HYVIDEO_T2_CONFIG, TINY_CONFIG  # noqa: E402
-from hvlab.parallel import UlyssesDiT, check_ulysses_degree, free_port  # noqa: E402
+from hvlab.fast.parallel import UlyssesDiT, check_ulysses_degree, free_port  # noqa: E402
 
 GRID_720P = (33, 90, 160)  # latent T, H, W for 720 x 1280 x 129 frames
 GRID_QUICK = (3, 8, 8)  # 3 x 4 x 4 = 48 tokens after the 1x2x2 patch
@@ -139,7 +139,7 @@ def run(args) -> None:
     for precision in args.precisions:
         row_fp8 = {}
         if precision == "fp8":
-            from hvlab.fp8 import convert_to_fp8, set_fp8_mode
+            from hvlab.fast.fp8 import convert_to_fp8, set_fp8_mode
 
             convert_to_fp8(model, mode="weight_only")
             row_fp8["fp8_mode"] = set_fp8_mode(model, "scaled_mm")  # falls back (with a warning) off FP8 GPUs

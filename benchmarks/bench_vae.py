@@ -86,7 +86,7 @@ def measure(decode, z, warm_z, device, reset_count, get_count) -> dict:
 
 def meta_peak_GiB(model, z) -> float:
     """Peak bytes of live tensor storages while decoding z on the meta device (see --meta)."""
-    from hvlab.memory import _LiveBytes
+    from hvlab.fast.memory import _LiveBytes
 
     track = _LiveBytes()
     with torch.inference_mode(), track:

@@ -1,6 +1,6 @@
 """The whole pipeline at 720x1280x129 on one GPU: per-stage time and peak memory, uncapped and under a 24 GiB cap.
 
-Stages, one model on the GPU at a time (the plan of `hvlab.memory`):
+Stages, one model on the GPU at a time (the plan of `hvlab.fast.memory`):
   text    the LLM (fp16) encodes the prompt and is freed; then CLIP-L likewise
   dit     the DiT is materialised block by block (bf16 -> FP8 per block, so the bf16 model never exists whole),
           token chunking on, N denoising steps through `HunyuanVideoPipeline.denoise` (default 2; the loop's
@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.join(HERE, ".."))
 sys.path.insert(0, HERE)
 
 from bench_dit import free, init_random_, sync  # noqa: E402
-from hvlab.memory import GiB, check_fits, cuda_index, describe, estimate_pipeline_memory  # noqa: E402
+from hvlab.fast.memory import GiB, check_fits, cuda_index, describe, estimate_pipeline_memory  # noqa: E402
 from hvlab.model import HYVIDEO_T2_CONFIG, TINY_CONFIG, HYVideoDiffusionTransformer  # noqa: E402
 
 PROMPT = "A cat walks on the grass, realistic style."
@@ -123,7 +123,7 @@ def build_dit(config, device, dtype, fp8: bool, seed: int, release,
 
     With ``block_offload`` every block goes to the CPU once built and a `BlockOffloader` streams it back.
     """
-    from hvlab.fp8 import convert_to_fp8, default_fp8_filter, load_fp8_checkpoint, set_fp8_mode
+    from hvlab.fast.fp8 import convert_to_fp8, default_fp8_filter, load_fp8_checkpoint, set_fp8_mode
 
     model = HYVideoDiffusionTransformer(config, device="meta", dtype=dtype)
     target = "cpu" if block_offload else device
@@ -153,7 +153,7 @@ def build_dit(config, device, dtype, fp8: bool, seed: int, release,
     if fp8:
         set_fp8_mode(model, "auto", device=device)  # FP8 GEMMs where the card has them, else weight-only
     if block_offload:
-        from hvlab.memory import BlockOffloader
+        from hvlab.fast.offload import BlockOffloader
 
         model.block_offloader = BlockOffloader(model, device)  # the non-block parts go to the device
     return model.eval().requires_grad_(False)
@@ -161,7 +161,7 @@ def build_dit(config, device, dtype, fp8: bool, seed: int, release,
 
 # ------------------------------------------------------------------------------------------- runs
 def run_pipeline(args, device, config, vae_config, size, cap_GiB, release) -> dict:
-    from hvlab.blocks import set_token_chunking
+    from hvlab.fast import accelerate
     from hvlab.pipeline import HunyuanVideoPipeline
     from hvlab.vae import AutoencoderKLCausal3D
 
@@ -184,7 +184,7 @@ def run_pipeline(args, device, config, vae_config, size, cap_GiB, release) -> di
         del clip
     with Stage("dit_build", rec, device):
         dit = build_dit(config, device, dtype, not args.no_fp8, args.seed, release, args.block_offload)
-        set_token_chunking(dit, args.chunk_tokens or None)
+        accelerate(dit, chunk_tokens=args.chunk_tokens or None)  # fused blocks (FP8 was set by build_dit)
     vae = AutoencoderKLCausal3D(vae_config, device="cpu", dtype=torch.float16 if device.type == "cuda" else None)
     vae.enable_tiling(args.vae_tile_px, args.vae_tile_frames, 0.25)
     pipe = HunyuanVideoPipeline(dit, vae.eval().requires_grad_(False), None, None, device=device, dtype=dtype)
@@ -253,7 +253,7 @@ def main(argv=None) -> dict:
     p.add_argument("--vae-tile-px", type=int, default=None, help="VAE tile size in pixels (default 256; quick 32)")
     p.add_argument("--vae-tile-frames", type=int, default=None, help="VAE tile frames (default 64; quick 16)")
     p.add_argument("--block-offload", action="store_true",
-                   help="DiT blocks on the CPU, two at a time on the GPU (hvlab.memory.BlockOffloader)")
+                   help="DiT blocks on the CPU, two at a time on the GPU (hvlab.fast.offload.BlockOffloader)")
     p.add_argument("--fast-text", action="store_true", help="a 3-layer 4096-wide Llama instead of the random 8B one")
     p.add_argument("--cap-gib", type=float, default=24.0, help="the capped run's memory cap (0 = skip that run)")
     p.add_argument("--ckpts", default="ckpts", help="release layout folder; random weights if it is not there")

@@ -11,11 +11,10 @@ What differs from a vanilla DiT block:
 - QK-norm (RMSNorm per head) before RoPE; RoPE on image tokens only.
 - adaLN-Zero modulation from the per-sample vector ``vec`` (see ``modulation.py``).
 
-**Token chunking** (inference only). At 720p (118,800 image tokens) the MLP's hidden activation is
-2.9 GB in bf16 and the single block's fused ``linear1`` output 5.1 GB: more than any other tensor.
-Every step outside attention is per token, so ``set_token_chunking(model, n)`` makes the blocks run
-those parts ``n`` tokens at a time under ``torch.no_grad``, writing into preallocated outputs: the same
-numbers (each token sees the same weights), a lower peak. Under autograd the blocks run unchunked.
+This file is the reference: plain torch, one line per step of the paper's block. The fast wing
+(``hvlab.fast.accelerate``) swaps these classes for subclasses with the same parameters that write q, k, v
+into preallocated buffers, run the MLPs in token chunks and use fused kernels; ``tests/test_fast.py``
+keeps the two equal.
 
 Every block calls attention through the plain attribute ``self.attn_fn`` (default
 ``hvlab.attention.attention``), looked up at call time, so hooks can capture probabilities and a
@@ -31,42 +30,13 @@ from einops import rearrange
 from torch import nn
 
 from . import attention as _attention
-from .modulation import MLP, ModulateDiT, RMSNorm, chunk_modulation, gated_residual, modulate
-from .fused import gelu_linear, norm_rope
+from .modulation import MLP, ModulateDiT, RMSNorm, apply_gate, chunk_modulation, modulate
+from .rope import apply_rotary_emb
 
 
 def _layer_norm(hidden_size: int) -> nn.LayerNorm:
     # no affine parameters: shift and scale come from the modulation instead
     return nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-
-
-def _chunks(L: int, chunk_tokens: int | None) -> list[slice] | None:
-    """Token slices of at most ``chunk_tokens``, or None when chunking is off (or cannot help, or autograd is on)."""
-    if chunk_tokens is None or chunk_tokens >= L or torch.is_grad_enabled():
-        return None
-    return [slice(s, min(s + chunk_tokens, L)) for s in range(0, L, chunk_tokens)]
-
-
-def set_token_chunking(model: nn.Module, chunk_tokens: int | None) -> int:
-    """Run the blocks' per-token parts (MLPs, fused linears) ``chunk_tokens`` tokens at a time; None turns it off.
-
-    Results equal the unchunked ones (up to float summation order inside a GEMM); only inference
-    (``torch.no_grad``) is chunked. Returns the number of blocks set.
-    """
-    if chunk_tokens is not None and (isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int)
-                                     or chunk_tokens < 1):
-        raise ValueError(f"chunk_tokens must be a positive int (e.g. 16384) or None, got {chunk_tokens!r}")
-    n = 0
-    for m in model.modules():
-        if isinstance(m, (MMDoubleStreamBlock, MMSingleStreamBlock)):
-            m.chunk_tokens = chunk_tokens
-            n += 1
-    return n
-
-
-def _rows(freqs_cis, rows: slice):
-    """The RoPE tables' rows for a token slice (None stays None)."""
-    return None if freqs_cis is None else (freqs_cis[0][rows], freqs_cis[1][rows])
 
 
 class MMDoubleStreamBlock(nn.Module):
@@ -99,68 +69,41 @@ class MMDoubleStreamBlock(nn.Module):
         self.txt_mlp = MLP(hidden_size, mlp_hidden)
 
         self.attn_fn = _attention.attention
-        self.chunk_tokens: int | None = None  # see set_token_chunking
-
-    def _qkv(self, x, norm1, mod, qkv, q_norm, k_norm, freqs_cis=None, out=(None, None)):
-        """norm1 -> modulate -> qkv -> per-head RMSNorm on q and k, then RoPE when ``freqs_cis`` is given
-        (``fused.norm_rope``: one pass on the GPU; into ``out`` = (q buffer, k buffer) if given).
-        Returns q, k, v (B, L, nh, hd)."""
-        x_mod = modulate(norm1(x), shift=mod.shift, scale=mod.scale)
-        q, k, v = rearrange(qkv(x_mod), "B L (K nh hd) -> K B L nh hd", K=3, nh=self.heads_num)
-        return (norm_rope(q, q_norm, freqs_cis, dtype=v.dtype, out=out[0]),
-                norm_rope(k, k_norm, freqs_cis, dtype=v.dtype, out=out[1]), v)
 
     def forward(self, img: torch.Tensor, txt: torch.Tensor, vec: torch.Tensor, freqs_cis=None,
                 txt_lens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        img_msa, img_mlp = chunk_modulation(self.img_mod(vec), 2)  # (shift, scale, gate) x 2, each (B, D)
-        txt_msa, txt_mlp = chunk_modulation(self.txt_mod(vec), 2)
+        # 1. modulation: (shift, scale, gate) for attention and for the MLP, per stream, each (B, D)
+        img_mod1, img_mod2 = chunk_modulation(self.img_mod(vec), 2)
+        txt_mod1, txt_mod2 = chunk_modulation(self.txt_mod(vec), 2)
 
+        # 2. image q, k, v: LayerNorm -> modulate -> qkv; QK-norm; RoPE (B, L_img, nh, hd)
+        img_x = modulate(self.img_norm1(img), shift=img_mod1.shift, scale=img_mod1.scale)
+        img_q, img_k, img_v = rearrange(self.img_attn_qkv(img_x), "B L (K nh hd) -> K B L nh hd", K=3,
+                                        nh=self.heads_num)
+        img_q, img_k = self.img_attn_q_norm(img_q).to(img_v), self.img_attn_k_norm(img_k).to(img_v)
+        if freqs_cis is not None:
+            img_q, img_k = apply_rotary_emb(img_q, img_k, freqs_cis)
+
+        # 3. text q, k, v: the same with the text weights, and no RoPE (B, L_txt, nh, hd)
+        txt_x = modulate(self.txt_norm1(txt), shift=txt_mod1.shift, scale=txt_mod1.scale)
+        txt_q, txt_k, txt_v = rearrange(self.txt_attn_qkv(txt_x), "B L (K nh hd) -> K B L nh hd", K=3,
+                                        nh=self.heads_num)
+        txt_q, txt_k = self.txt_attn_q_norm(txt_q).to(txt_v), self.txt_attn_k_norm(txt_k).to(txt_v)
+
+        # 4. joint attention over [image | text]
         L_img = img.shape[1]
-        if torch.is_grad_enabled():  # autograd: plain tensors and a cat
-            img_q, img_k, img_v = self._qkv(img, self.img_norm1, img_msa, self.img_attn_qkv, self.img_attn_q_norm,
-                                            self.img_attn_k_norm, freqs_cis)  # (B, L_img, nh, hd)
-            txt_q, txt_k, txt_v = self._qkv(txt, self.txt_norm1, txt_msa, self.txt_attn_qkv,
-                                            self.txt_attn_q_norm, self.txt_attn_k_norm)  # (B, L_txt, nh, hd)
-            q, k, v = torch.cat([img_q, txt_q], dim=1), torch.cat([img_k, txt_k], dim=1), torch.cat([img_v, txt_v], dim=1)
-            del img_q, img_k, img_v, txt_q, txt_k, txt_v
-        else:  # q, k, v of both streams written (chunk by chunk if set) into the joint buffers: no cat
-            B, L_txt, D = txt.shape
-            q, k, v = (img.new_empty(B, L_img + L_txt, self.heads_num, D // self.heads_num) for _ in range(3))
-            self._qkv_into(img, self.img_norm1, img_msa, self.img_attn_qkv, self.img_attn_q_norm,
-                           self.img_attn_k_norm, freqs_cis, (q, k, v), 0)
-            self._qkv_into(txt, self.txt_norm1, txt_msa, self.txt_attn_qkv, self.txt_attn_q_norm,
-                           self.txt_attn_k_norm, None, (q, k, v), L_img)
-        attn = self.attn_fn(q, k, v, img_len=L_img, txt_lens=txt_lens)  # (B, L, nh, hd)
-        del q, k, v
-        attn = rearrange(attn, "B L nh hd -> B L (nh hd)")
+        q, k, v = torch.cat([img_q, txt_q], dim=1), torch.cat([img_k, txt_k], dim=1), torch.cat([img_v, txt_v], dim=1)
+        attn = rearrange(self.attn_fn(q, k, v, img_len=L_img, txt_lens=txt_lens), "B L nh hd -> B L (nh hd)")
         img_attn, txt_attn = attn[:, :L_img], attn[:, L_img:]
 
-        img = gated_residual(img, self.img_attn_proj(img_attn), img_msa.gate)
-        img = self._mlp_residual(img, self.img_norm2, self.img_mlp, img_mlp)
-        txt = gated_residual(txt, self.txt_attn_proj(txt_attn), txt_msa.gate)
-        txt = self._mlp_residual(txt, self.txt_norm2, self.txt_mlp, txt_mlp)
+        # 5. gated residuals: projection, then the MLP, per stream
+        img = img + apply_gate(self.img_attn_proj(img_attn), gate=img_mod1.gate)
+        img = img + apply_gate(self.img_mlp(modulate(self.img_norm2(img), shift=img_mod2.shift,
+                                                     scale=img_mod2.scale)), gate=img_mod2.gate)
+        txt = txt + apply_gate(self.txt_attn_proj(txt_attn), gate=txt_mod1.gate)
+        txt = txt + apply_gate(self.txt_mlp(modulate(self.txt_norm2(txt), shift=txt_mod2.shift,
+                                                     scale=txt_mod2.scale)), gate=txt_mod2.gate)
         return img, txt
-
-    def _qkv_into(self, x, norm1, mod, qkv, q_norm, k_norm, freqs_cis, bufs, offset: int) -> None:
-        """``_qkv`` (+ RoPE when ``freqs_cis``) over token chunks of x (or all of it when chunking is off),
-        written into bufs at ``offset + token``: q and k directly by ``norm_rope``, v by a copy."""
-        for s in _chunks(x.shape[1], self.chunk_tokens) or [slice(0, x.shape[1])]:
-            dst = slice(offset + s.start, offset + s.stop)
-            _, _, bufs[2][:, dst] = self._qkv(x[:, s], norm1, mod, qkv, q_norm, k_norm, _rows(freqs_cis, s),
-                                              out=(bufs[0][:, dst], bufs[1][:, dst]))
-
-    def _mlp_residual(self, x: torch.Tensor, norm2, mlp, mod) -> torch.Tensor:
-        """x + gate * MLP(modulate(norm2(x))), over token chunks when ``chunk_tokens`` is set (no_grad)."""
-        def f(xc):
-            return gated_residual(xc, mlp(modulate(norm2(xc), mod.shift, mod.scale)), mod.gate)
-
-        chunks = _chunks(x.shape[1], self.chunk_tokens)
-        if chunks is None:
-            return f(x)
-        out = torch.empty_like(x)  # (B, L, D)
-        for s in chunks:
-            out[:, s] = f(x[:, s])
-        return out
 
 
 class MMSingleStreamBlock(nn.Module):
@@ -185,46 +128,32 @@ class MMSingleStreamBlock(nn.Module):
         self.k_norm = RMSNorm(head_dim, eps=1e-6)
         self.pre_norm = _layer_norm(hidden_size)
         self.modulation = ModulateDiT(hidden_size, factor=3)
+        self.mlp_act = nn.GELU(approximate="tanh")
 
         self.attn_fn = _attention.attention
-        self.chunk_tokens: int | None = None  # see set_token_chunking
 
     def forward(self, x: torch.Tensor, vec: torch.Tensor, img_len: int, freqs_cis=None,
                 txt_lens: torch.Tensor | None = None) -> torch.Tensor:
+        # 1. one (shift, scale, gate) triple, each (B, D)
         (mod,) = chunk_modulation(self.modulation(vec), 1)
-        chunks = _chunks(x.shape[1], self.chunk_tokens)
-        if chunks is None:
-            x_mod = modulate(self.pre_norm(x), shift=mod.shift, scale=mod.scale)  # (B, L, D)
-            qkv, mlp_in = torch.split(self.linear1(x_mod), [3 * self.hidden_size, self.mlp_hidden_dim], dim=-1)
-            q, k, v = rearrange(qkv, "B L (K nh hd) -> K B L nh hd", K=3, nh=self.heads_num)
-            # QK-norm, then RoPE on the image tokens only (text tokens carry no position)
-            q = norm_rope(q, self.q_norm, freqs_cis, n_rope=img_len, dtype=v.dtype)
-            k = norm_rope(k, self.k_norm, freqs_cis, n_rope=img_len, dtype=v.dtype)
-        else:  # linear1, QK-norm and RoPE per chunk into q, k, v and mlp_in buffers
-            B, L, D = x.shape
-            q, k, v = (x.new_empty(B, L, self.heads_num, D // self.heads_num) for _ in range(3))
-            mlp_in = x.new_empty(B, L, self.mlp_hidden_dim)
-            for s in chunks:
-                x_mod = modulate(self.pre_norm(x[:, s]), shift=mod.shift, scale=mod.scale)
-                qkv_c, mlp_in[:, s] = torch.split(self.linear1(x_mod), [3 * D, self.mlp_hidden_dim], dim=-1)
-                del x_mod
-                q_c, k_c, v[:, s] = rearrange(qkv_c, "B L (K nh hd) -> K B L nh hd", K=3, nh=self.heads_num)
-                n_img = max(0, min(s.stop, img_len) - s.start)  # image tokens of this chunk carry RoPE
-                tables = _rows(freqs_cis, slice(s.start, s.start + n_img)) if n_img else None
-                norm_rope(q_c, self.q_norm, tables, n_rope=n_img, dtype=v.dtype, out=q[:, s])
-                norm_rope(k_c, self.k_norm, tables, n_rope=n_img, dtype=v.dtype, out=k[:, s])
-                del qkv_c, q_c, k_c
 
-        attn = self.attn_fn(q, k, v, img_len=img_len, txt_lens=txt_lens)  # (B, L, nh, hd)
-        attn = rearrange(attn, "B L nh hd -> B L (nh hd)")
-        # linear2([attn | GELU(mlp_in)]): GELU, the concatenation and (FP8) the quantiser in one pass
-        if chunks is None:
-            return gated_residual(x, gelu_linear(self.linear2, mlp_in, prefix=attn), mod.gate)
-        del q, k, v  # free the attention inputs before the second half
-        res = torch.empty_like(x)  # (B, L, D)
-        for s in chunks:
-            res[:, s] = gated_residual(x[:, s], gelu_linear(self.linear2, mlp_in[:, s], prefix=attn[:, s]), mod.gate)
-        return res
+        # 2. LayerNorm -> modulate -> linear1, split into q, k, v (B, L, nh, hd) and the MLP input (B, L, mlp_hidden)
+        x_mod = modulate(self.pre_norm(x), shift=mod.shift, scale=mod.scale)
+        qkv, mlp_in = torch.split(self.linear1(x_mod), [3 * self.hidden_size, self.mlp_hidden_dim], dim=-1)
+        q, k, v = rearrange(qkv, "B L (K nh hd) -> K B L nh hd", K=3, nh=self.heads_num)
+
+        # 3. QK-norm, then RoPE on the image tokens only (text tokens carry no position)
+        q, k = self.q_norm(q).to(v), self.k_norm(k).to(v)
+        if freqs_cis is not None:
+            img_q, img_k = apply_rotary_emb(q[:, :img_len], k[:, :img_len], freqs_cis)
+            q, k = torch.cat([img_q, q[:, img_len:]], dim=1), torch.cat([img_k, k[:, img_len:]], dim=1)
+
+        # 4. joint attention, in parallel with the MLP's first half
+        attn = rearrange(self.attn_fn(q, k, v, img_len=img_len, txt_lens=txt_lens), "B L nh hd -> B L (nh hd)")
+
+        # 5. linear2 over [attention | GELU(mlp_in)], then one gated residual
+        out = self.linear2(torch.cat([attn, self.mlp_act(mlp_in)], dim=-1))
+        return x + apply_gate(out, gate=mod.gate)
 
 
 class FinalLayer(nn.Module):

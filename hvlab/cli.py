@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ulysses-degree", type=int, default=1, metavar="N",
                    help="sequence parallelism over N processes (GPUs): launch with torchrun --nproc_per_node N "
                         "-m hvlab.cli generate ... --ulysses-degree N; every rank denoises, rank 0 alone decodes "
-                        "and writes the files (hvlab.parallel)")
+                        "and writes the files (hvlab.fast.parallel)")
 
     i = sub.add_parser("info", help="model structure (torchinfo) and parameter counts")
     i.add_argument("--model", default="toy", choices=("toy", "13b", "tiny"))
@@ -148,11 +148,15 @@ def load_model(model: str = "toy", model_base: str | None = None, device: str | 
                                   if vae_tile_size else {}))
     if fp8:
         pipe.enable_fp8()
+    if device.startswith("cuda"):
+        from .fast import accelerate
+
+        accelerate(pipe.transformer)  # the fast wing's blocks and kernels; the CPU runs the reference blocks
     return pipe
 
 
 def _attention_words(spec: str, prompt: str) -> list[str]:
-    from .hooks import _WORD
+    from .inspection.hooks import _WORD
 
     words = [w.group() for w in _WORD.finditer(prompt)]
     if spec == "auto":
@@ -176,7 +180,7 @@ def cmd_generate(args):
     import torch
 
     from . import __version__
-    from .hooks import AttentionRecorder, LatentRecorder
+    from .inspection.hooks import AttentionRecorder, LatentRecorder
     from .pipeline import GenerationInterrupted, GenerationSettings, NonFiniteLatentsError, load_state
 
     run = dict(model=args.model, model_base=args.model_base, device=args.device, dtype=args.dtype, fp8=args.fp8,
@@ -201,10 +205,10 @@ def cmd_generate(args):
     if threads:
         torch.set_num_threads(threads)
     rank = 0
-    if args.ulysses_degree != 1:  # sequence parallel: see hvlab.parallel
+    if args.ulysses_degree != 1:  # sequence parallel: see hvlab.fast.parallel
         if args.record_attention:
             raise SystemExit("--record-attention needs the whole sequence in one process: drop --ulysses-degree")
-        from .parallel import init_ulysses_from_env
+        from .fast.parallel import init_ulysses_from_env
 
         rank = init_ulysses_from_env(args.ulysses_degree, run["device"])
 
@@ -228,7 +232,7 @@ def cmd_generate(args):
                                      flow_shift=args.flow_shift, flow_reverse=args.flow_reverse,
                                      num_videos_per_prompt=args.num_videos)
     if args.ulysses_degree != 1:
-        from .parallel import broadcast_from_rank0, enable_ulysses
+        from .fast.parallel import broadcast_from_rank0, enable_ulysses
 
         enable_ulysses(pipe)
         settings = broadcast_from_rank0(settings)  # a randomly drawn seed must be rank 0's everywhere
@@ -282,8 +286,8 @@ def _extras(out, out_dir: Path, pipe, latent_rec, att_rec, words, args, info: di
     """Previews, channel statistics and attention maps as PNGs; records what was made in ``info``."""
     files = []
     if latent_rec is not None and latent_rec.steps:
-        from .preview import fit_latent_to_rgb, latent_to_rgb
-        from .viz import channel_stats_plot, denoising_strip
+        from .inspection.preview import fit_latent_to_rgb, latent_to_rgb
+        from .inspection.viz import channel_stats_plot, denoising_strip
 
         rgb_map, source = pipe.latent_rgb_map, "the model's shipped latent_to_rgb map"
         if rgb_map is None:  # no shipped map: fit one on this run's own (latent, video) pairs
@@ -300,7 +304,7 @@ def _extras(out, out_dir: Path, pipe, latent_rec, att_rec, words, args, info: di
             files += [str(out_dir / f"previews{suffix}.png"), str(out_dir / f"channel_stats{suffix}.png")]
         info["previews"] = dict(every=latent_rec.every, steps=latent_rec.steps, rgb_map=source)
     if att_rec is not None:
-        from .viz import attention_overlay
+        from .inspection.viz import attention_overlay
 
         maps = att_rec.text_maps(sample=0)
         words = [w for w in words if w in maps.labels]
@@ -366,7 +370,7 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = argv
-    from .memory import MemoryPlanError
+    from .fast.memory import MemoryPlanError
 
     try:
         if args.command == "generate":

@@ -18,8 +18,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .fused import gelu_linear
-
 
 @dataclass
 class ModulationOut:
@@ -37,12 +35,7 @@ def chunk_modulation(params: torch.Tensor, n: int) -> list[ModulationOut]:
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor | None = None, scale: torch.Tensor | None = None) -> torch.Tensor:
-    """x (B, L, D) * (1 + scale) + shift, with shift/scale (B, D) broadcast over the tokens.
-
-    With both given it is one ``addcmul`` (one pass over x, one rounding) instead of a multiply and an add.
-    """
-    if scale is not None and shift is not None:
-        return torch.addcmul(shift.unsqueeze(1), x, 1 + scale.unsqueeze(1))
+    """x (B, L, D) * (1 + scale) + shift, with shift/scale (B, D) broadcast over the tokens."""
     if scale is not None:
         x = x * (1 + scale.unsqueeze(1))
     if shift is not None:
@@ -53,11 +46,6 @@ def modulate(x: torch.Tensor, shift: torch.Tensor | None = None, scale: torch.Te
 def apply_gate(x: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
     """x (B, L, D) * gate (B, D), broadcast over the tokens."""
     return x if gate is None else x * gate.unsqueeze(1)
-
-
-def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-    """x + y * gate (gate (B, D) broadcast over the tokens) in one ``addcmul``: the residual of every DiT block."""
-    return torch.addcmul(x, y, gate.unsqueeze(1))
 
 
 class ModulateDiT(nn.Module):
@@ -146,6 +134,4 @@ class MLP(nn.Module):
         self.fc2 = nn.Linear(hidden_features, in_features, bias=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if isinstance(self.act, nn.GELU) and self.act.approximate == "tanh":
-            return gelu_linear(self.fc2, self.fc1(x))  # GELU and, for an FP8 fc2, its quantiser in one pass
         return self.fc2(self.act(self.fc1(x)))

@@ -11,13 +11,12 @@ usable on its own from a notebook. What differs from a vanilla text-to-video loo
 - latents are drawn on the CPU from one generator per video (seed, seed+1, ...), so a seed gives the
   same video on any device.
 
-Around the loop: hooks (``pipe.hooks``, see `hvlab.hooks`) see every step; NaNs are caught at the step
+Around the loop: hooks (``pipe.hooks``, see `hvlab.inspection.hooks`) see every step; NaNs are caught at the step
 where they appear, and Ctrl-C saves the latents reached so far; both files resume with
 ``pipe(resume_from=path)``. `load_pipeline` loads the release checkpoint layout.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -28,6 +27,7 @@ from typing import Callable
 
 import torch
 
+from .fast.offload import on_device
 from .prompts import NEGATIVE_PROMPT, validate_prompts
 from .scheduler import FlowMatchDiscreteScheduler
 from .text_encoder import embedded_guidance
@@ -165,7 +165,7 @@ class HunyuanVideoPipeline:
     ``defaults`` holds the model's own default generation arguments (the release's are the official
     CLI's; the toy model ships its own). ``cpu_offload`` keeps the text encoders and the VAE on the CPU
     and moves each to ``device`` only while it runs. ``latent_rgb_map`` is the 16 -> 3 preview map for
-    this VAE (`hvlab.preview`), used by `hvlab.hooks.LatentRecorder`.
+    this VAE (`hvlab.inspection.preview`), used by `hvlab.inspection.hooks.LatentRecorder`.
     """
 
     RELEASE_DEFAULTS = dict(height=720, width=1280, video_length=129, num_inference_steps=50,
@@ -200,25 +200,12 @@ class HunyuanVideoPipeline:
         self.vae.enable_tiling(**kwargs)
 
     def enable_fp8(self, mode: str = "auto") -> None:
-        """Store the DiT blocks' linear weights in FP8 (`hvlab.fp8.convert_to_fp8`)."""
+        """Store the DiT blocks' linear weights in FP8 (`hvlab.fast.fp8.convert_to_fp8`)."""
         try:
-            from .fp8 import convert_to_fp8
+            from .fast.fp8 import convert_to_fp8
         except ImportError as e:
-            raise RuntimeError(f"FP8 needs hvlab.fp8, which failed to import: {e}") from e
+            raise RuntimeError(f"FP8 needs hvlab.fast.fp8, which failed to import: {e}") from e
         convert_to_fp8(self.transformer, mode=mode)
-
-    @contextlib.contextmanager
-    def _on_device(self, module):
-        if not self.cpu_offload:
-            yield module
-            return
-        module.to(self.device)
-        try:
-            yield module
-        finally:
-            module.to("cpu")
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
 
     def _hooks(self, name: str, *args) -> None:
         for h in list(self.hooks):
@@ -230,9 +217,9 @@ class HunyuanVideoPipeline:
     @torch.no_grad()
     def encode_prompt(self, prompts: list[str]):
         """LLM states (B, L_txt, D), their mask (B, L_txt) and CLIP pooled vectors (B, D2)."""
-        with self._on_device(self.text_encoder):
+        with on_device(self.text_encoder, self.device, self.cpu_offload):
             out = self.text_encoder.encode(prompts, device=self.device)
-        with self._on_device(self.text_encoder_2):
+        with on_device(self.text_encoder_2, self.device, self.cpu_offload):
             pooled = self.text_encoder_2.encode(prompts, device=self.device).hidden_state
         return out.hidden_state.to(self.dtype), out.attention_mask, pooled.to(self.dtype)
 
@@ -340,7 +327,7 @@ class HunyuanVideoPipeline:
 
         With ``progress`` a bar counts the VAE's decoder calls (one per tile with tiling).
         """
-        with self._on_device(self.vae):
+        with on_device(self.vae, self.device, self.cpu_offload):
             vae_dtype = next(self.vae.parameters()).dtype
             z = (latents.to(self.device) / self.vae.config.scaling_factor).to(vae_dtype)
             bar, original = None, None
@@ -583,17 +570,20 @@ def load_pipeline(model_base="ckpts", device=None, dtype=torch.bfloat16, fp8: bo
                   vae_tiling: bool = True, text_encoder_dtype=torch.float16, vae_dtype=torch.float16,
                   dit_config=None, plan_size: tuple[int, int, int] | None = None,
                   vae_tile_size: tuple[int, int] | None = None, memory_limit_gib: float | None = None,
-                  check_memory: bool = True) -> HunyuanVideoPipeline:
+                  check_memory: bool = True, fast: bool | None = None,
+                  chunk_tokens: int | None = None) -> HunyuanVideoPipeline:
     """The release model from the official ``ckpts/`` layout (see `RELEASE_FILES`).
 
     The DiT is built on the meta device and its weights assigned from the file, so the 13B model is never
     initialised in memory. ``fp8`` uses the _fp8.pt pair when present, else converts the bf16 weights.
     ``dit_config`` defaults to the release's `HYVIDEO_T2_CONFIG` (tests pass a tiny one).
     ``vae_tile_size`` = (px, frames) overrides the VAE config's tiles (release 256 px, 64 frames).
+    ``fast`` (default: on CUDA) swaps in the fast wing's blocks (`hvlab.fast.accelerate`, with
+    ``chunk_tokens``); off, the DiT runs the reference blocks.
 
-    Before any weight is read (on CUDA, or anywhere with ``memory_limit_gib``), `hvlab.memory.check_load_plan`
+    Before any weight is read (on CUDA, or anywhere with ``memory_limit_gib``), `hvlab.fast.memory.check_load_plan`
     estimates the peak for ``plan_size`` = (video_length, height, width) (default the release's 129 x 720 x
-    1280) with these settings and raises `hvlab.memory.MemoryPlanError`, naming the settings that would fit,
+    1280) with these settings and raises `hvlab.fast.memory.MemoryPlanError`, naming the settings that would fit,
     when it exceeds the card's free memory (or ``memory_limit_gib``). ``check_memory=False`` skips the check.
     """
     from .model import HYVIDEO_T2_CONFIG, HYVideoDiffusionTransformer
@@ -604,7 +594,7 @@ def load_pipeline(model_base="ckpts", device=None, dtype=torch.bfloat16, fp8: bo
     p = check_release_layout(model_base, fp8)
     config = dit_config or HYVIDEO_T2_CONFIG
     if check_memory and (device.type == "cuda" or memory_limit_gib is not None):
-        from .memory import RELEASE_PLAN_SIZE, check_load_plan
+        from .fast.memory import RELEASE_PLAN_SIZE, check_load_plan
 
         vc = vae_config_from_json(p["vae_config"])  # a config file, not weights
         tile = tuple(vae_tile_size or (vc.sample_size, vc.sample_tsize)) if vae_tiling else None
@@ -612,7 +602,7 @@ def load_pipeline(model_base="ckpts", device=None, dtype=torch.bfloat16, fp8: bo
                         cpu_offload=cpu_offload, vae_tile=tile, cap_GiB=memory_limit_gib)
     dit = HYVideoDiffusionTransformer(config, device="meta")
     if p["use_fp8_file"]:
-        from .fp8 import load_fp8_checkpoint
+        from .fast.fp8 import load_fp8_checkpoint
 
         load_fp8_checkpoint(dit, p["dit_fp8"], p["dit_fp8_map"], device=device)
         dit.to(device)
@@ -622,9 +612,13 @@ def load_pipeline(model_base="ckpts", device=None, dtype=torch.bfloat16, fp8: bo
         load_dit_checkpoint(dit, str(p["dit"]))
         dit.to(device=device, dtype=dtype)
         if fp8:
-            from .fp8 import convert_to_fp8
+            from .fast.fp8 import convert_to_fp8
 
             convert_to_fp8(dit)
+    if device.type == "cuda" if fast is None else fast:
+        from .fast import accelerate
+
+        accelerate(dit, chunk_tokens=chunk_tokens)
     vae = AutoencoderKLCausal3D.from_pretrained(p["vae"].parent, dtype=vae_dtype)
     te_device = "cpu" if cpu_offload else device
     llm = load_llm_encoder(str(p["text_encoder"].parent), dtype=text_encoder_dtype, device=te_device)

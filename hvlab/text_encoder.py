@@ -13,13 +13,12 @@ What differs from a vanilla text-to-image DiT (T5 tokens + CLIP pooled):
 * CLIP-L contributes only its **pooled** vector (the final-layer state at the first
   ``<|endoftext|>``, 768-d, no projection), added into the DiT's modulation vector.
 
-Both encoders are frozen and only run once per prompt; :meth:`TextEncoder.on_device` moves one to
+Both encoders are frozen and only run once per prompt; :func:`hvlab.fast.offload.on_device` moves one to
 the GPU for the encode and back to the CPU afterwards, so the 16 GB LLM does not sit next to the
 DiT during denoising.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import warnings
 from dataclasses import dataclass
@@ -171,15 +170,6 @@ class TextEncoder(nn.Module):
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         return self
-
-    @contextlib.contextmanager
-    def on_device(self, device):
-        """``with enc.on_device("cuda"): out = enc.encode(p)``: encode on the GPU, then move off it."""
-        self.model.to(device)
-        try:
-            yield self
-        finally:
-            self.offload()
 
 
 def _read_config(path: Path, what: str, layout: str) -> dict:

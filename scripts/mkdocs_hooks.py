@@ -170,7 +170,7 @@ def make_home_figures(out_dir: Path = FIGURES) -> None:
 
     torch.set_num_threads(1)  # the toy model runs fastest on one thread (see `hvlab generate --threads`)
     from hvlab.toy.model import load_toy
-    from hvlab.viz import frame_grid, save_animation
+    from hvlab.inspection.viz import frame_grid, save_animation
 
     out_dir.mkdir(parents=True, exist_ok=True)
     pipe = load_toy()

@@ -17,7 +17,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import torch  # noqa: E402
 
 from hvlab.checkpoint import load_state_dict_file  # noqa: E402
-from hvlab.fp8 import FP8_DTYPE, save_fp8_checkpoint  # noqa: E402
+from hvlab.fast.fp8 import FP8_DTYPE, save_fp8_checkpoint  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> tuple[str, str]:

@@ -22,9 +22,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from hvlab import fp8
+from hvlab.fast import fp8
 from hvlab.checkpoint import CheckpointError, load_state_dict_file
-from hvlab.fp8 import (E4M3_MAX, FP8_DTYPE, FP8FallbackWarning, FP8Linear, convert_to_fp8, dequantize_weight,
+from hvlab.fast.fp8 import (E4M3_MAX, FP8_DTYPE, FP8FallbackWarning, FP8Linear, convert_to_fp8, dequantize_weight,
                        emulate_scaled_mm, load_fp8_checkpoint, quantize_weight, save_fp8_checkpoint)
 from hvlab.model import HYVIDEO_T2_CONFIG, TINY_CONFIG, HYVideoDiffusionTransformer, randomize_weights_
 

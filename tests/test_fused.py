@@ -1,4 +1,4 @@
-"""hvlab.fused.norm_rope: the one-pass QK-norm + RoPE equals the eager definition.
+"""hvlab.fast.kernels.norm_rope: the one-pass QK-norm + RoPE equals the eager definition.
 
 Three levels: the eager path against the composition it replaced (RMSNorm, then rope.apply_rotary_emb on
 the image tokens); the Triton kernel's logic on the CPU under the Triton interpreter; the compiled kernel
@@ -12,7 +12,7 @@ import textwrap
 import pytest
 import torch
 
-from hvlab import fused
+from hvlab.fast import kernels as fused
 from hvlab.modulation import RMSNorm
 from hvlab.rope import apply_rotary_emb, get_nd_rotary_pos_embed
 
@@ -91,7 +91,7 @@ def test_bad_tables_and_backend_name_the_expected_values():
 # The interpreter must be switched on before triton is imported, so the check runs in a fresh process.
 INTERPRETED = textwrap.dedent("""
     import json, torch
-    from hvlab import fused
+    from hvlab.fast import kernels as fused
     from hvlab.rope import get_nd_rotary_pos_embed
     from tests.test_fused import _inputs, ROPE, GRID
     cos, sin = get_nd_rotary_pos_embed(ROPE, GRID)
@@ -171,6 +171,9 @@ def test_gpu_kernel_equals_eager_in_bf16_and_a_dit_is_unchanged(monkeypatch):
     model = HYVideoDiffusionTransformer(TINY_CONFIG).to("cuda", torch.bfloat16).eval()
     for p in model.parameters():
         torch.nn.init.normal_(p, std=0.05)
+    from hvlab.fast import accelerate
+
+    accelerate(model)  # the fast blocks call the kernels
     c = TINY_CONFIG
     x = torch.randn(1, c.in_channels, 5, 16, 16, device="cuda", dtype=torch.bfloat16)
     text = torch.randn(1, 12, c.text_states_dim, device="cuda", dtype=torch.bfloat16)
@@ -226,7 +229,7 @@ def test_gelu_linear_names_the_expected_widths():
 
 INTERPRETED_GELU = textwrap.dedent("""
     import json, torch
-    from hvlab import fp8
+    from hvlab.fast import fp8
     from tests.test_fused import _gelu_case
     gelu = torch.nn.functional.gelu
     res = {}
@@ -276,7 +279,7 @@ def test_gelu_quantiser_logic_under_the_triton_interpreter_matches_the_eager_mat
 
 @pytest.mark.skipif(not torch.cuda.is_available() or fused.triton is None, reason="needs CUDA and triton")
 def test_gpu_gelu_linear_fp8_matches_the_unfused_fp8_layer():
-    from hvlab.fp8 import FP8Linear, fp8_supported
+    from hvlab.fast.fp8 import FP8Linear, fp8_supported
 
     if not fp8_supported("cuda")[0]:
         pytest.skip("no FP8 tensor cores")

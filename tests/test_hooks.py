@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from hvlab.attention import attention, attention_explicit
-from hvlab.hooks import (AttentionRecorder, LatentRecorder, text_video_probs, token_words, upsample_to_video,
+from hvlab.inspection.hooks import (AttentionRecorder, LatentRecorder, text_video_probs, token_words, upsample_to_video,
                          video_query_probs)
 from hvlab.model import TINY_CONFIG, HYVideoDiffusionTransformer, randomize_weights_
 
@@ -178,7 +178,7 @@ def pipe():
 
 
 def test_latent_recorder_x0_and_final_decode_obey_the_flow_maths(pipe):
-    from hvlab.preview import fit_latent_to_rgb, latent_to_rgb, video_on_latent_grid
+    from hvlab.inspection.preview import fit_latent_to_rgb, latent_to_rgb, video_on_latent_grid
 
     with LatentRecorder(pipe, every=2, decode_every=3) as rec:
         out = pipe("a red circle moving right", seed=1, num_inference_steps=5)
@@ -217,8 +217,8 @@ def test_recorder_with_a_pipeline_records_only_the_prompt_rows_at_the_chosen_ste
 
 
 def test_figures_state_their_aggregation_and_the_explorer_only_indexes(pipe, tmp_path):
-    from hvlab.viz import attention_overlay, save_animation
-    from hvlab.widgets import attention_explorer
+    from hvlab.inspection.viz import attention_overlay, save_animation
+    from hvlab.inspection.widgets import attention_explorer
 
     with AttentionRecorder(pipe, steps=[0, 1], blocks=[("double", 0), ("single", 0)]) as rec:
         out = pipe("a red circle moving right", seed=0, num_inference_steps=2)

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 
 import hvlab.attention as A
-from hvlab.blocks import set_token_chunking
-from hvlab.memory import (GiB, MemoryPlanError, check_fits, dit_weight_bytes, estimate_pipeline_memory,
+from hvlab.fast import accelerate, acceleration, restore
+from hvlab.fast.memory import (GiB, MemoryPlanError, check_fits, dit_weight_bytes, estimate_pipeline_memory,
                           trace_dit_block_peaks)
 from hvlab.model import HYVIDEO_T2_CONFIG, TINY_CONFIG, HYVideoDiffusionTransformer, params_count, randomize_weights_
 
@@ -28,21 +28,22 @@ def test_chunked_forward_equals_unchunked(chunk):
     inp = _inputs(TINY_CONFIG)
     with torch.no_grad():
         ref = model(*inp)
-        assert set_token_chunking(model, chunk) == 2
+        accelerate(model, chunk_tokens=chunk)
+        assert acceleration(model)["fast_blocks"] == 2 and acceleration(model)["chunk_tokens"] == chunk
         out = model(*inp)
-        set_token_chunking(model, None)
+        restore(model)
     assert ((out - ref).norm() / ref.norm()).item() <= 1e-6
 
 
 def test_chunking_is_inference_only_and_validated():
     model = randomize_weights_(HYVideoDiffusionTransformer(TINY_CONFIG), seed=3)
-    set_token_chunking(model, 4)
+    accelerate(model, chunk_tokens=4)
     inp = _inputs(TINY_CONFIG)
     model(*inp).square().mean().backward()  # unchunked under autograd: gradients flow as usual
     assert model.single_blocks[0].linear1.weight.grad is not None
     for bad in (0, -3, 2.5, True):
         with pytest.raises(ValueError, match="positive int"):
-            set_token_chunking(model, bad)
+            accelerate(model, chunk_tokens=bad)
 
 
 def test_weight_bytes_match_parameter_counts():
@@ -50,7 +51,7 @@ def test_weight_bytes_match_parameter_counts():
     assert abs(n - 12.82e9) / 12.82e9 < 0.005  # the release's 12.8B
     assert dit_weight_bytes(HYVIDEO_T2_CONFIG, fp8=False) == 2 * n
     # FP8: the real converted tiny model's bytes (fp8 weights + bf16 rest + fp32 scales) equal the estimate
-    from hvlab.fp8 import convert_to_fp8
+    from hvlab.fast.fp8 import convert_to_fp8
 
     tiny = HYVideoDiffusionTransformer(TINY_CONFIG, dtype=torch.bfloat16)
     with pytest.warns(UserWarning):
@@ -138,7 +139,7 @@ def test_block_offloader_same_output_at_most_two_blocks_resident():
     remove() every block holds its host tensors again (on CPU the "device copy" is a clone)."""
     from dataclasses import replace
 
-    from hvlab.memory import BlockOffloader
+    from hvlab.fast.offload import BlockOffloader
 
     c = replace(TINY_CONFIG, mm_double_blocks_depth=2, mm_single_blocks_depth=3)
     model = randomize_weights_(HYVideoDiffusionTransformer(c), seed=5).eval()

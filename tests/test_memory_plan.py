@@ -1,4 +1,4 @@
-"""The memory check `load_pipeline` runs before it reads a weight: a fake card (``hvlab.memory.card_memory``
+"""The memory check `load_pipeline` runs before it reads a weight: a fake card (``hvlab.fast.memory.card_memory``
 replaced) and a release folder whose weight files are empty, so any attempt to read one is caught."""
 import json
 from dataclasses import asdict
@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import hvlab.checkpoint
-import hvlab.fp8
-import hvlab.memory as M
+import hvlab.fast.fp8
+import hvlab.fast.memory as M
 import hvlab.text_encoder
 import hvlab.vae
 from hvlab import cli
@@ -37,7 +37,7 @@ def release(tmp_path, monkeypatch):
         reads.append(args[:1])
         raise ReadWeights(args[:1])
 
-    for module, name in ((hvlab.checkpoint, "load_state_dict_file"), (hvlab.fp8, "load_state_dict_file"),
+    for module, name in ((hvlab.checkpoint, "load_state_dict_file"), (hvlab.fast.fp8, "load_state_dict_file"),
                          (hvlab.vae, "load_state_dict_file"), (hvlab.text_encoder, "load_llm_encoder"),
                          (hvlab.text_encoder, "load_clip_encoder"), (torch, "load")):
         monkeypatch.setattr(module, name, reader)

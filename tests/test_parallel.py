@@ -1,4 +1,4 @@
-"""Ulysses sequence parallelism (hvlab.parallel) on CPU gloo processes vs the single-process model.
+"""Ulysses sequence parallelism (hvlab.fast.parallel) on CPU gloo processes vs the single-process model.
 
 The reference is the unchanged `HYVideoDiffusionTransformer` in this process; the parallel run reshards
 tokens to heads and back, so any wrong permutation, RoPE shard or text head slice shows up as an O(0.1)
@@ -8,7 +8,7 @@ issue's): both sides run the same fp32 kernels per head, so only summation-order
 import pytest
 import torch
 
-from hvlab.parallel import check_ulysses_degree, demo_model_and_inputs, spawn_ulysses_forward, valid_degrees
+from hvlab.fast.parallel import check_ulysses_degree, demo_model_and_inputs, spawn_ulysses_forward, valid_degrees
 
 
 def _rel_err(out, ref):

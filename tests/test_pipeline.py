@@ -161,7 +161,7 @@ def test_decode_progress_counts_every_tile_and_changes_nothing(pipe):
 
 
 def test_fp8_flag_converts_the_blocks_and_stays_close(pipe):
-    from hvlab.fp8 import FP8Linear
+    from hvlab.fast.fp8 import FP8Linear
 
     fp8 = random_pipeline("tiny", seed=0)
     with pytest.warns(UserWarning):  # no FP8 matmul on a CPU: weight-only mode, said once
@@ -181,6 +181,8 @@ def test_cpu_offload_moves_the_encoders_and_vae_only_while_used(monkeypatch):
     for name in ("text_encoder", "text_encoder_2", "vae"):
         m = getattr(p, name)
         monkeypatch.setattr(m, "to", lambda *a, _n=name, **k: moves.append((_n, str(a[0]))))
-    with p._on_device(p.vae):
+    from hvlab.fast.offload import on_device
+
+    with on_device(p.vae, p.device, p.cpu_offload):
         assert moves == [("vae", "meta")]
     assert moves == [("vae", "meta"), ("vae", "cpu")]

@@ -210,7 +210,9 @@ def test_load_clip_encoder_from_a_saved_folder(tmp_path, clip):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU to show the weights leaving it")
 def test_on_device_encodes_on_the_gpu_then_offloads(clip):
-    with clip.on_device("cuda") as enc:
+    from hvlab.fast.offload import on_device
+
+    with on_device(clip, "cuda") as enc:
         out = enc.encode(PROMPTS)
         assert out.hidden_state.is_cuda
     assert clip.device.type == "cpu"

@@ -270,7 +270,7 @@ def train(args) -> dict:
 
 def export(wd: Path, dit, vae, llm, clip, scale: float, summary: dict) -> None:
     """Write the shipped files: fp16 safetensors (loaded back in fp32), tokenizer and config."""
-    from ..preview import fit_latent_to_rgb
+    from ..inspection.preview import fit_latent_to_rgb
 
     wd.mkdir(parents=True, exist_ok=True)
 

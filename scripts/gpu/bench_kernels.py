@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
-from hvlab import fp8, fused  # noqa: E402
+from hvlab.fast import fp8, kernels as fused  # noqa: E402
 from hvlab.modulation import RMSNorm  # noqa: E402
 from hvlab.rope import get_nd_rotary_pos_embed  # noqa: E402
 

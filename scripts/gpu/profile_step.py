@@ -48,7 +48,7 @@ def main():
     for impl in a.impls.split(","):
         model = build_hvlab(cfg, dev, 0)
         if impl == "hvlab-fp8":
-            from hvlab.fp8 import convert_to_fp8, set_fp8_mode
+            from hvlab.fast.fp8 import convert_to_fp8, set_fp8_mode
             convert_to_fp8(model, mode="weight_only")
             set_fp8_mode(model, "scaled_mm")
         inp = make_inputs(cfg, SIZES[a.size], dev)

@@ -30,7 +30,7 @@ import warnings
 import torch
 
 from .fp8 import _TRITON_MAX_K, FP8Linear, quantize_gelu_rows
-from .rope import rotate
+from ..rope import rotate
 
 try:
     import triton
@@ -71,7 +71,7 @@ def _switch_off(why: str) -> None:
     """Stop using the kernel in this process and say why, once; callers then run the eager definition."""
     global _kernel_failed
     _kernel_failed = True
-    warnings.warn(f"hvlab.fused: the norm_rope kernel {why}; using the eager path from now on")
+    warnings.warn(f"hvlab.fast.kernels: the norm_rope kernel {why}; using the eager path from now on")
 
 
 def norm_rope(x: torch.Tensor, norm, freqs_cis=None, n_rope: int | None = None,

@@ -6,7 +6,7 @@ the picture (over heads, steps, subword tokens) and where a map sits (step, bloc
 
 Inputs follow hvlab's conventions: one video is (3, F, H, W) in [0, 1] (a row of
 ``GenerationOutput.videos``) or uint8 (F, H, W, 3); heat maps are (T, H, W) on the post-patch token grid
-(see `hvlab.hooks.upsample_to_video` for the frame mapping).
+(see `hvlab.inspection.hooks.upsample_to_video` for the frame mapping).
 """
 from __future__ import annotations
 
@@ -154,7 +154,7 @@ def save_animation(video, path: str | os.PathLike, fps: int = 8) -> str:
         with open(path, "w") as fh:
             fh.write(animation_html(video, fps))
         return path
-    from .video import save_video
+    from ..video import save_video
 
     return save_video((as_frames(video) * 255).round().astype(np.uint8), path, fps=fps)
 

@@ -37,7 +37,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from hvlab.checkpoint import CheckpointError, load_into, load_state_dict_file, unwrap_state_dict
+from ..checkpoint import CheckpointError, load_into, load_state_dict_file, unwrap_state_dict
 
 FP8_DTYPE = torch.float8_e4m3fn
 E4M3_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
@@ -352,7 +352,7 @@ class FP8Linear(nn.Module):
         if w is not None and w.dtype != FP8_DTYPE:
             raise CheckpointError(
                 f"{prefix}weight: FP8Linear expects a {FP8_DTYPE} weight (with its scale from the _map file), "
-                f"got {w.dtype}; quantize a bf16 checkpoint with hvlab.fp8.save_fp8_checkpoint or convert_to_fp8"
+                f"got {w.dtype}; quantize a bf16 checkpoint with hvlab.fast.fp8.save_fp8_checkpoint or convert_to_fp8"
             )
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
@@ -389,7 +389,7 @@ def _resolve_mode(mode: str, device: torch.device) -> str:
     ok, reason = fp8_supported(device)
     if ok:
         return "scaled_mm"
-    warnings.warn(f"hvlab.fp8: {reason}; using weight_only FP8 (bf16 math, half the weight memory, no speed-up)",
+    warnings.warn(f"hvlab.fast.fp8: {reason}; using weight_only FP8 (bf16 math, half the weight memory, no speed-up)",
                   FP8FallbackWarning, stacklevel=3)
     return "weight_only"
 

@@ -12,7 +12,7 @@ memory does not grow with the number of steps.
 Where the numbers come from:
 - **weights**: parameter counts of the models built on the meta device (DiT) or known sizes (the LLM is
   llava-llama-3-8b's LlamaModel, 7.50e9 parameters; CLIP-L's text tower 1.23e8). FP8 stores the block
-  linears in one byte each (`hvlab.fp8.default_fp8_filter`), the rest in bf16.
+  linears in one byte each (`hvlab.fast.fp8.default_fp8_filter`), the rest in bf16.
 - **DiT activations**: *traced*, not guessed. One double and one single block are run on the meta device
   (shapes only, no memory) at the real token count while a dispatch mode adds up the bytes of every live
   tensor; attention is replaced by an output-sized stub (fused kernels never build the L x L matrix). The
@@ -24,7 +24,7 @@ Where the numbers come from:
 `check_fits` compares the plan's peak with the card's free memory (or a cap) and raises with the breakdown.
 `check_load_plan` runs it for `hvlab.pipeline.load_pipeline`'s settings before any weight is read, naming
 the loader settings that would fit.
-For cards too small even for that, `BlockOffloader` keeps the DiT blocks on the CPU and streams two at a time.
+For cards too small even for that, `hvlab.fast.offload.BlockOffloader` keeps the DiT blocks on the CPU and streams two at a time.
 
 At 720x1280x129 (118,800 image tokens) the plan gives: text 15.6 GiB; DiT bf16 unchunked 43.0, FP8 unchunked
 30.2, FP8 with 16,384-token chunks 22.5 (12.3 weights + 8.0 activations), with block offload 10.4; VAE at the
@@ -94,15 +94,16 @@ def trace_dit_block_peaks(config, L_img: int, L_txt: int = 256, chunk_tokens: in
 
     Returns ``{"double": bytes, "single": bytes, "stream": bytes}``; "stream" is one (B, L, D) token tensor.
     """
-    from .model import HYVideoDiffusionTransformer
+    from ..model import HYVideoDiffusionTransformer
+    from . import accelerate
 
     c = config
     one = replace(c, mm_double_blocks_depth=1, mm_single_blocks_depth=1, refiner_depth=0)
     model = HYVideoDiffusionTransformer(one, device="meta", dtype=dtype)
+    accelerate(model, chunk_tokens=chunk_tokens)  # the blocks that run at 720p: buffers, chunks, fused GELU
     double, single = model.double_blocks[0], model.single_blocks[0]
     for b in (double, single):
         b.attn_fn = _attention_stub
-        b.chunk_tokens = chunk_tokens
     kw = dict(device="meta", dtype=dtype)
     img, txt = torch.empty(batch, L_img, c.hidden_size, **kw), torch.empty(batch, L_txt, c.hidden_size, **kw)
     vec = torch.empty(batch, c.hidden_size, **kw)
@@ -131,7 +132,7 @@ def dit_weight_bytes(config, fp8: bool, resident_blocks: int | None = None) -> f
     ``resident_blocks``: with `BlockOffloader`, only that many blocks (the largest ones) plus everything
     outside the blocks are on the GPU at once.
     """
-    from .model import HYVideoDiffusionTransformer
+    from ..model import HYVideoDiffusionTransformer
 
     model = HYVideoDiffusionTransformer(config, device="meta")
     total = 0.0
@@ -195,7 +196,7 @@ def estimate_pipeline_memory(config, height: int, width: int, video_length: int,
     ("llm", "clip", "dit", "vae") whose weights stay on the GPU through every stage instead of leaving after
     theirs; `HunyuanVideoPipeline` keeps the DiT there, and without ``cpu_offload`` all four.
     """
-    from .video import latent_shape
+    from ..video import latent_shape
 
     if (video_length - 1) % 4:
         raise ValueError(f"video_length - 1 must be a multiple of 4, got {video_length}")
@@ -401,93 +402,7 @@ def check_load_plan(config, device: torch.device | str, plan_size: tuple[int, in
         change, e = min(options, key=lambda c: c[1]["peak_GiB"]) if options else ({}, est)
         advice = (f"none of load_pipeline's settings fits (the smallest plan, {_flags(change) or 'the current one'}, "
                   f"needs ~{e['peak_GiB']:.1f} GiB); beyond them try a smaller --video-size / --video-length, token "
-                  f"chunking (hvlab.blocks.set_token_chunking), hvlab.memory.BlockOffloader, or check_memory=False "
+                  f"chunking (hvlab.fast.accelerate(dit, chunk_tokens=...)), hvlab.fast.offload.BlockOffloader, or check_memory=False "
                   f"(--no-memory-check) to load anyway")
     check_fits(est, device, cap_GiB, advice=advice)
     return est
-
-
-# ---------------------------------------------------------------------------------------- block offload
-class BlockOffloader:
-    """Keep the DiT's 60 blocks in (pinned) CPU memory and give each one GPU copy only while it runs.
-
-    A forward pre-hook on block i makes sure its weights are on ``device`` and starts copying block i+1 on a
-    side CUDA stream, so the copy overlaps block i's compute; a forward hook drops block i's GPU copy. At most
-    two blocks are on the GPU at a time (``max_resident`` records it); after the last block the first is
-    prefetched, ready for the next step. Everything outside the blocks (embedders, refiner, final layer) lives
-    on ``device``. The maths is unchanged: each block sees exactly its own weights.
-
-    Cost: each step copies all block weights once over PCIe (~13 GB in FP8: ~0.5 s at ~25 GB/s), hidden behind
-    compute when a block takes longer than its copy, which holds at 720p (~0.3 s of compute per block).
-    """
-
-    def __init__(self, model: nn.Module, device: torch.device | str, prefetch: bool = True):
-        self.device = torch.device(device)
-        self.prefetch = prefetch
-        self.blocks = [*model.double_blocks, *model.single_blocks]
-        for name, child in model.named_children():
-            if name not in ("double_blocks", "single_blocks"):
-                child.to(self.device)
-        cuda = self.device.type == "cuda"
-        self.stream = torch.cuda.Stream(self.device) if cuda else None
-        self._host: list[list] = []  # per block: [(module, "p" or "b", name, host tensor)]
-        for block in self.blocks:
-            entries = []
-            for mod in block.modules():
-                for kind, table in (("p", mod._parameters), ("b", mod._buffers)):
-                    for n, t in table.items():
-                        if t is not None:
-                            host = t.data.to("cpu")
-                            entries.append((mod, kind, n, host.pin_memory() if cuda else host))
-            self._host.append(entries)
-            self._set(len(self._host) - 1, [e[3] for e in entries])
-        self._ready: dict[int, object] = {}  # block index -> CUDA event (None on CPU) of its finished copy
-        self.max_resident = 0
-        self._handles = []
-        for i, block in enumerate(self.blocks):
-            self._handles.append(block.register_forward_pre_hook(lambda m, a, i=i: self._before(i)))
-            self._handles.append(block.register_forward_hook(lambda m, a, o, i=i: self._after(i)))
-
-    def _set(self, i: int, tensors) -> None:
-        for (mod, kind, n, _), t in zip(self._host[i], tensors):
-            if kind == "p":
-                mod._parameters[n].data = t
-            else:
-                mod._buffers[n] = t
-
-    def _load(self, i: int) -> None:
-        """Start copying block i to the device (on the side stream when there is one)."""
-        if i in self._ready:
-            return
-        if self.stream is None:
-            self._set(i, [h.clone() if self.device.type == "cpu" else h.to(self.device) for *_, h in self._host[i]])
-            self._ready[i] = None
-        else:
-            with torch.cuda.stream(self.stream):
-                self._set(i, [h.to(self.device, non_blocking=True) for *_, h in self._host[i]])
-                event = torch.cuda.Event()
-                event.record(self.stream)
-            self._ready[i] = event
-        self.max_resident = max(self.max_resident, len(self._ready))
-
-    def _before(self, i: int) -> None:
-        self._load(i)
-        event = self._ready[i]
-        if event is not None:
-            current = torch.cuda.current_stream(self.device)
-            current.wait_event(event)
-            for mod, kind, n, _ in self._host[i]:  # allocated on the side stream, used on this one
-                (mod._parameters[n].data if kind == "p" else mod._buffers[n]).record_stream(current)
-        if self.prefetch:
-            self._load((i + 1) % len(self.blocks))
-
-    def _after(self, i: int) -> None:
-        self._set(i, [h for *_, h in self._host[i]])  # the device copy is freed (after this stream's use)
-        self._ready.pop(i, None)
-
-    def remove(self) -> None:
-        """Detach the hooks and leave every block on the CPU."""
-        for h in self._handles:
-            h.remove()
-        for i in list(self._ready):
-            self._after(i)

@@ -45,7 +45,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .model import HYVideoDiffusionTransformer, unpatchify
+from ..model import HYVideoDiffusionTransformer, unpatchify
 
 
 # --- validation ------------------------------------------------------------------------------------------
@@ -145,7 +145,7 @@ class UlyssesDiT(nn.Module):
         super().__init__()
         if not dist.is_initialized():
             raise RuntimeError("UlyssesDiT needs torch.distributed initialised: launch with torchrun "
-                               "--nproc_per_node N and call hvlab.parallel.init_ulysses_from_env (or "
+                               "--nproc_per_node N and call hvlab.fast.parallel.init_ulysses_from_env (or "
                                "dist.init_process_group) first")
         self.model = model
         self.group = group
@@ -283,7 +283,7 @@ def spawn_ulysses_forward(model: HYVideoDiffusionTransformer, inputs: dict, worl
 def demo_model_and_inputs(seed: int = 0):
     """A small DiT (4 heads, every block type, random weights incl. zero-init gates) and inputs for it:
     a batch of 2 with padded text of different lengths (5 and 9 real tokens of 12), 24 video tokens."""
-    from .model import HYVideoConfig, randomize_weights_
+    from ..model import HYVideoConfig, randomize_weights_
 
     config = HYVideoConfig(hidden_size=64, heads_num=4, rope_dim_list=(4, 6, 6), mm_double_blocks_depth=2,
                            mm_single_blocks_depth=2, text_states_dim=32, text_states_dim_2=16, refiner_depth=1)

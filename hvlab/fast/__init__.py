@@ -1,0 +1,118 @@
+"""The speed wing: everything that makes the DiT faster or smaller, plugged in from outside.
+
+The teaching units (``hvlab.blocks``, ``hvlab.modulation``, ``hvlab.rope``, ``hvlab.attention``, ...) hold
+the reference maths and know nothing of this package. Each piece here swaps a module or a function for one
+that keeps the same parameters and state-dict keys, and each has a parity test against what it replaces:
+
+=====================  ==================================================================================
+``blocks``             fast subclasses of the DiT blocks: joint q/k/v buffers, token chunking, fused kernels
+``kernels``            Triton kernels: QK-norm + RoPE in one pass, GELU (+ FP8 quantiser) into a linear
+``fp8``                ``FP8Linear`` / ``convert_to_fp8``, the official FP8 checkpoint pair
+``memory``             the GPU memory plan and the check that runs before any weight is read
+``offload``            ``on_device`` for whole models, ``BlockOffloader`` for the DiT's blocks
+``parallel``           Ulysses sequence parallelism (``UlyssesDiT``)
+=====================  ==================================================================================
+
+One call turns the first three on, and one turns them off again::
+
+    from hvlab.fast import accelerate, restore
+    accelerate(dit, fused=True, chunk_tokens=16384, fp8="auto")   # what load_pipeline does on CUDA
+    restore(dit)                                                   # the reference classes again
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..blocks import MMDoubleStreamBlock, MMSingleStreamBlock
+from ..modulation import MLP
+from .blocks import FAST_CLASSES, FastDoubleStreamBlock, FastMLP, FastSingleStreamBlock
+
+KERNELS = {True: "auto", False: "eager", "auto": "auto", "eager": "eager", "kernel": "kernel"}
+REFERENCE_CLASSES = {fast: ref for ref, fast in FAST_CLASSES.items()}
+
+
+def _blocks(model: nn.Module):
+    return [m for m in model.modules() if isinstance(m, (MMDoubleStreamBlock, MMSingleStreamBlock))]
+
+
+def accelerate(model: nn.Module, *, fused: bool | str = True, chunk_tokens: int | None = None,
+               fp8: bool | str | None = None, fp8_per_channel: bool = False) -> nn.Module:
+    """Swap, in place, the DiT's blocks (and their GELU MLPs) for the fast subclasses; optionally FP8 linears.
+
+    ``fused``: True / "auto" runs the Triton kernels where they can (CUDA, no autograd), False / "eager" their
+    eager definitions, "kernel" forces the kernels (CPU tensors under ``TRITON_INTERPRET=1``: tests).
+    ``chunk_tokens``: run the blocks' per-token parts that many tokens at a time (None: all at once).
+    ``fp8``: None / False leaves the linears alone; True / "auto" / "scaled_mm" / "weight_only" converts the
+    blocks' linears with ``fp8.convert_to_fp8`` in that mode (True means "auto").
+    Parameters and state-dict keys are unchanged (strict loading still works). Returns ``model``.
+    """
+    if fused not in KERNELS:
+        raise ValueError(f"fused must be True, False, 'auto', 'eager' or 'kernel', got {fused!r}")
+    if chunk_tokens is not None and (isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int)
+                                     or chunk_tokens < 1):
+        raise ValueError(f"chunk_tokens must be a positive int (e.g. 16384) or None, got {chunk_tokens!r}")
+    if fp8 not in (None, False, True, "auto", "scaled_mm", "weight_only"):
+        raise ValueError(f"fp8 must be None, True, 'auto', 'scaled_mm' or 'weight_only', got {fp8!r}")
+    blocks = _blocks(model)
+    if not blocks:
+        raise ValueError(f"accelerate found no DiT block in {type(model).__name__}: it expects a "
+                         "HYVideoDiffusionTransformer (or a module holding MMDoubleStreamBlock / MMSingleStreamBlock)")
+    for m in blocks:
+        m.__class__ = FAST_CLASSES.get(type(m), type(m))  # same object, same parameters: only the forward changes
+        m.chunk_tokens = chunk_tokens
+        m.kernels = KERNELS[fused]
+        for mlp in m.children():
+            if type(mlp) is MLP and _gelu_tanh(mlp):
+                mlp.__class__ = FastMLP
+    if fp8:
+        from .fp8 import FP8Linear, convert_to_fp8
+
+        before = {id(m) for m in model.modules() if isinstance(m, FP8Linear)}
+        convert_to_fp8(model, mode="auto" if fp8 is True else fp8, per_channel=fp8_per_channel)
+        for m in model.modules():
+            if isinstance(m, FP8Linear) and id(m) not in before:
+                m.converted_by_accelerate = True  # restore() turns these back into nn.Linear
+    return model
+
+
+def _gelu_tanh(mlp: nn.Module) -> bool:
+    act = getattr(mlp, "act", None)
+    return isinstance(act, nn.GELU) and act.approximate == "tanh"
+
+
+def restore(model: nn.Module) -> nn.Module:
+    """Undo ``accelerate``: the reference classes again, and ``nn.Linear`` for the layers it converted to FP8
+    (with the dequantised weights: the FP8 rounding itself cannot be undone). Returns ``model``."""
+    for m in model.modules():
+        if type(m) in REFERENCE_CLASSES:
+            m.__class__ = REFERENCE_CLASSES[type(m)]
+            for attr in ("chunk_tokens", "kernels"):
+                m.__dict__.pop(attr, None)
+    from .fp8 import FP8Linear
+
+    for name, m in list(model.named_modules()):
+        if isinstance(m, FP8Linear) and getattr(m, "converted_by_accelerate", False):
+            dtype = m.bias.dtype if m.bias is not None else torch.bfloat16
+            linear = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device=m.weight.device,
+                               dtype=dtype)
+            linear.weight.data = m.dequantized_weight(dtype)
+            if m.bias is not None:
+                linear.bias.data = m.bias.data
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, linear)
+    return model
+
+
+def acceleration(model: nn.Module) -> dict:
+    """What ``accelerate`` set on ``model``: {"fast_blocks", "chunk_tokens", "kernels", "fp8_layers"}."""
+    from .fp8 import FP8Linear
+
+    fast = [m for m in model.modules() if isinstance(m, (FastDoubleStreamBlock, FastSingleStreamBlock))]
+    return {"fast_blocks": len(fast),
+            "chunk_tokens": fast[0].chunk_tokens if fast else None,
+            "kernels": fast[0].kernels if fast else None,
+            "fp8_layers": sum(isinstance(m, FP8Linear) for m in model.modules())}
+
+
+__all__ = ["accelerate", "restore", "acceleration", "FastDoubleStreamBlock", "FastSingleStreamBlock", "FastMLP"]
