@@ -20,12 +20,20 @@ mask and returns the probabilities, for teaching and capture at small sizes. A t
 
 **Token refiner rule.** The text refiner uses a different mask: ``valid_i AND valid_j``, with key 0 always
 visible. A padded query therefore sees key 0 only, and its output is exactly ``v[0]``.
+
+**Probabilities without an L x L tensor.** ``A[i, j] = softmax_j(q_i . k_j / sqrt(hd))`` over a sample's real
+keys. At 720p the sequence has ~119k tokens and one head's matrix would be 56 GB, so ``text_video_probs`` and
+``video_query_probs`` return only the entries asked for: a few rows are cheap (one softmax each); a column
+needs every video row's exact normaliser ``lse_i = logsumexp_j (q_i . k_j / sqrt(hd))``, computed in chunks of
+rows (``max_elements`` scores at a time), then ``exp(score - lse)`` at the wanted keys. The scores
+``q . k / sqrt(hd)`` in fp32 are written once, in ``attention_scores``, and every explicit path uses them.
 """
 from __future__ import annotations
 
 import contextlib
 import importlib.util
 import inspect
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -90,8 +98,12 @@ def _sdpa_context(q: torch.Tensor):
     return contextlib.nullcontext()
 
 
-def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, img_len: int, txt_lens: torch.Tensor | None) -> None:
-    if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, img_len: int,
+           txt_lens: torch.Tensor | None) -> None:
+    if v is None and (q.dim() != 4 or q.shape != k.shape):
+        raise ValueError(f"q, k must both be (B, L, nh, hd) with the same shape, got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}")
+    if v is not None and (q.dim() != 4 or q.shape != k.shape or q.shape != v.shape):
         raise ValueError(
             f"q, k, v must all be (B, L, nh, hd) with the same shape, got {tuple(q.shape)}, "
             f"{tuple(k.shape)}, {tuple(v.shape)}"
@@ -171,9 +183,13 @@ def segment_mask(B: int, L: int, img_len: int, txt_lens: torch.Tensor | None, de
     return (is_pad[:, :, None] == is_pad[:, None, :]).unsqueeze(1)
 
 
+def attention_scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """The logits of attention: ``q (..., Lq, hd)``, ``k (..., Lk, hd)`` -> ``q . k / sqrt(hd)``, fp32 (..., Lq, Lk)."""
+    return (q.float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5
+
+
 def _explicit(q, k, v, mask: torch.Tensor | None, return_probs: bool):
-    scale = q.shape[-1] ** -0.5
-    scores = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) * scale  # (B, nh, L, L)
+    scores = attention_scores(q.transpose(1, 2), k.transpose(1, 2))  # (B, nh, L, L)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     probs = scores.softmax(dim=-1)
@@ -198,6 +214,83 @@ def attention_explicit(
     B, L = q.shape[:2]
     mask = None if txt_lens is None else segment_mask(B, L, img_len, txt_lens, q.device)
     return _explicit(q, k, v, mask, return_probs)
+
+
+# --- probabilities without an L x L tensor ---------------------------------------------------------------
+
+DIRECTIONS = ("key", "query")  # text token as key (a column of A) / text token as query (a row of A)
+
+
+def _selection(q: torch.Tensor, rows, heads) -> tuple[list[int], list[int]]:
+    B, nh = q.shape[0], q.shape[2]
+    rows = list(range(B)) if rows is None else [int(b) for b in rows]
+    heads = list(range(nh)) if heads is None else [int(h) for h in heads]
+    if any(not 0 <= b < B for b in rows):
+        raise IndexError(f"rows must lie in [0, {B - 1}] (the batch has {B} samples), got {rows}")
+    if any(not 0 <= h < nh for h in heads):
+        raise IndexError(f"heads must lie in [0, {nh - 1}] (q has {nh} heads), got {heads}")
+    return rows, heads
+
+
+@torch.no_grad()
+def text_video_probs(q: torch.Tensor, k: torch.Tensor, *, img_len: int, txt_lens: torch.Tensor | None = None,
+                     direction: str = "key", rows: Sequence[int] | None = None, heads: Sequence[int] | None = None,
+                     max_elements: int = 2**26) -> torch.Tensor:
+    """Exact attention probabilities between every real text token and the video tokens.
+
+    q, k: (B, L, nh, hd) as a block passes them to ``attn_fn`` ([video | text], text padded right).
+    ``direction="key"``: ``P[b, h, j, i] = A[i, img_len + j]``, video query i's weight on text key j,
+    normalised over all of row i's keys with a chunked log-sum-exp (``max_elements`` scores at a time).
+    ``direction="query"``: ``P[b, h, j, i] = A[img_len + j, i]``, text query j's weight on video key i.
+    Returns (len(rows), len(heads), n_txt, img_len) float32 on q's device, n_txt = the largest real text
+    length among ``rows``; entries of padded text tokens are 0.
+    """
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
+    if max_elements < 1:
+        raise ValueError(f"max_elements must be >= 1 (scores held at once), got {max_elements}")
+    _check(q, k, None, img_len, txt_lens)
+    B, L = q.shape[:2]
+    rows, heads = _selection(q, rows, heads)
+    lengths = valid_lengths(B, L, img_len, txt_lens)
+    n_txt = max(lengths[b] for b in rows) - img_len
+    out = torch.zeros(len(rows), len(heads), n_txt, img_len, device=q.device)
+    for bi, b in enumerate(rows):
+        n = lengths[b]
+        for hi, h in enumerate(heads):
+            kh = k[b, :n, h]  # (n, hd): the sample's real keys only
+            if direction == "query":  # a few rows: one softmax each
+                out[bi, hi, :n - img_len] = attention_scores(q[b, img_len:n, h], kh).softmax(dim=-1)[:, :img_len]
+                continue
+            chunk = max(1, max_elements // n)
+            for r0 in range(0, img_len, chunk):
+                r1 = min(r0 + chunk, img_len)
+                s = attention_scores(q[b, r0:r1, h], kh)  # (c, n): one chunk of video rows
+                lse = torch.logsumexp(s, dim=-1, keepdim=True)  # exact normaliser of each row
+                out[bi, hi, :n - img_len, r0:r1] = (s[:, img_len:n] - lse).exp().T
+    return out
+
+
+@torch.no_grad()
+def video_query_probs(q: torch.Tensor, k: torch.Tensor, query_index: Sequence[int], *, img_len: int,
+                      txt_lens: torch.Tensor | None = None, rows: Sequence[int] | None = None,
+                      heads: Sequence[int] | None = None) -> torch.Tensor:
+    """Rows of A for chosen video query tokens, restricted to the video keys:
+    (len(rows), len(heads), len(query_index), img_len) float32 (normalised over all real keys)."""
+    _check(q, k, None, img_len, txt_lens)
+    B, L = q.shape[:2]
+    rows, heads = _selection(q, rows, heads)
+    idx = [int(i) for i in query_index]
+    if any(not 0 <= i < img_len for i in idx):
+        raise IndexError(f"query_index must lie in [0, img_len - 1 = {img_len - 1}] (video tokens), got {idx}")
+    lengths = valid_lengths(B, L, img_len, txt_lens)
+    idx_t = torch.tensor(idx, device=q.device, dtype=torch.long)
+    out = torch.zeros(len(rows), len(heads), len(idx), img_len, device=q.device)
+    for bi, b in enumerate(rows):
+        n = lengths[b]
+        for hi, h in enumerate(heads):
+            out[bi, hi] = attention_scores(q[b, idx_t, h], k[b, :n, h]).softmax(dim=-1)[:, :img_len]
+    return out
 
 
 # --- the token refiner's rule -----------------------------------------------------------------------------

@@ -156,7 +156,7 @@ def load_model(model: str = "toy", model_base: str | None = None, device: str | 
 
 
 def _attention_words(spec: str, prompt: str) -> list[str]:
-    from .inspection.hooks import _WORD
+    from .inspection.words import WORD_PATTERN as _WORD
 
     words = [w.group() for w in _WORD.finditer(prompt)]
     if spec == "auto":
@@ -180,7 +180,7 @@ def cmd_generate(args):
     import torch
 
     from . import __version__
-    from .inspection.hooks import AttentionRecorder, LatentRecorder
+    from .inspection import AttentionRecorder, LatentRecorder
     from .pipeline import GenerationInterrupted, GenerationSettings, NonFiniteLatentsError, load_state
 
     run = dict(model=args.model, model_base=args.model_base, device=args.device, dtype=args.dtype, fp8=args.fp8,

@@ -19,6 +19,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
+from .attention import attention_scores
+
 
 def silu(x: torch.Tensor) -> torch.Tensor:
     """SiLU, in place when no graph is recorded (decoding at 720p): one activation-sized tensor less per call."""
@@ -194,8 +196,8 @@ def frame_causal_attention_explicit(q, k, v, tokens_per_frame: int) -> tuple[tor
     """Explicit path for teaching and capture at small sizes: returns (out, probs) with probs (B, nh, L, L)."""
     L = q.shape[-2]
     mask = prepare_causal_attention_mask(L // tokens_per_frame, tokens_per_frame, q.device)
-    scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5  # (B, nh, L, L)
-    probs = scores.float().masked_fill(~mask, float("-inf")).softmax(dim=-1).to(q.dtype)
+    scores = attention_scores(q, k)  # (B, nh, L, L) fp32
+    probs = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1).to(q.dtype)
     return probs @ v, probs
 
 

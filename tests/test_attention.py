@@ -1,4 +1,5 @@
-"""The fast attention path equals the explicit one, and padding never reaches real tokens."""
+"""The fast attention path equals the explicit one, padding never reaches real tokens, and the probability
+helpers (chunked columns, selected rows) equal the explicit probabilities."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -158,3 +159,53 @@ def test_gradients_match_explicit():
         grads.append([q.grad, k.grad, v.grad])
     for g_fast, g_explicit in zip(*grads):
         torch.testing.assert_close(g_fast, g_explicit, atol=1e-5, rtol=1e-4)
+
+
+# --- probabilities without an L x L tensor ---------------------------------------------------------------
+# text_video_probs normalises a column with a chunked log-sum-exp, attention_explicit with softmax; both start
+# from the same fp32 scores, so they agree to ~1e-7 on probabilities <= 1; 1e-6 is asserted.
+PROBS_ATOL = 1e-6
+
+
+def _qk(B=3, L=40, nh=2, hd=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(B, L, nh, hd, generator=g) for _ in range(3)]
+
+
+@pytest.mark.parametrize("max_elements", [50, 2**26])  # many chunks of query rows / a single chunk
+def test_text_video_probs_equal_explicit_probabilities(max_elements):
+    q, k, v = _qk()
+    img_len, txt_lens = 30, torch.tensor([10, 4, 7])  # padded text: 10 slots, fewer real tokens in rows 1, 2
+    _, probs = A.attention_explicit(q, k, v, img_len=img_len, txt_lens=txt_lens)  # (B, nh, L, L)
+    for direction in ("key", "query"):
+        got = A.text_video_probs(q, k, img_len=img_len, txt_lens=txt_lens, direction=direction,
+                                 max_elements=max_elements)  # (B, nh, n_txt, L_img)
+        for b, n in enumerate(txt_lens.tolist()):
+            ref = (probs[b, :, :img_len, img_len:img_len + n].transpose(1, 2) if direction == "key"
+                   else probs[b, :, img_len:img_len + n, :img_len])
+            torch.testing.assert_close(got[b, :, :n], ref, atol=PROBS_ATOL, rtol=0)
+            assert torch.all(got[b, :, n:] == 0)  # padded text tokens get no map
+
+
+def test_video_query_probs_equal_explicit_rows():
+    q, k, v = _qk()
+    txt_lens = torch.tensor([10, 4, 7])
+    _, probs = A.attention_explicit(q, k, v, img_len=30, txt_lens=txt_lens)
+    got = A.video_query_probs(q, k, [0, 7, 29], img_len=30, txt_lens=txt_lens)
+    torch.testing.assert_close(got, probs[:, :, [0, 7, 29], :30], atol=PROBS_ATOL, rtol=0)
+
+
+def test_probability_helpers_reject_bad_selections():
+    q, k, _ = _qk()
+    with pytest.raises(ValueError, match="direction must be one of"):
+        A.text_video_probs(q, k, img_len=30, direction="column")
+    with pytest.raises(IndexError, match=r"heads must lie in \[0, 1\].*got \[2\]"):
+        A.text_video_probs(q, k, img_len=30, heads=[2])
+    with pytest.raises(IndexError, match=r"rows must lie in \[0, 2\].*got \[3\]"):
+        A.video_query_probs(q, k, [0], img_len=30, rows=[3])
+    with pytest.raises(IndexError, match=r"query_index must lie in \[0, img_len - 1 = 29\].*got \[30\]"):
+        A.video_query_probs(q, k, [30], img_len=30)
+    with pytest.raises(ValueError, match="same shape"):
+        A.text_video_probs(q, k[:, :3], img_len=30)
+    with pytest.raises(ValueError, match=r"\[0, L - img_len = 10\]"):
+        A.video_query_probs(q, k, [0], img_len=30, txt_lens=torch.tensor([1, 2, 11]))

@@ -14,39 +14,10 @@ import pytest
 import torch
 
 from hvlab.attention import attention, attention_explicit
-from hvlab.inspection.hooks import (AttentionRecorder, LatentRecorder, text_video_probs, token_words, upsample_to_video,
-                         video_query_probs)
+from hvlab.inspection import AttentionRecorder, LatentRecorder, token_words, upsample_to_video
 from hvlab.model import TINY_CONFIG, HYVideoDiffusionTransformer, randomize_weights_
 
 ATOL = 1e-6
-
-
-def _qk(B=3, L=40, nh=2, hd=8, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randn(B, L, nh, hd, generator=g) for _ in range(3)]
-
-
-@pytest.mark.parametrize("max_elements", [50, 2**26])  # many chunks of query rows / a single chunk
-def test_text_video_probs_equal_explicit_probabilities(max_elements):
-    q, k, v = _qk()
-    img_len, txt_lens = 30, torch.tensor([10, 4, 7])  # padded text: 10 slots, fewer real tokens in rows 1, 2
-    _, probs = attention_explicit(q, k, v, img_len=img_len, txt_lens=txt_lens)  # (B, nh, L, L)
-    for direction in ("key", "query"):
-        got = text_video_probs(q, k, img_len=img_len, txt_lens=txt_lens, direction=direction,
-                               max_elements=max_elements)  # (B, nh, n_txt, L_img)
-        for b, n in enumerate(txt_lens.tolist()):
-            ref = (probs[b, :, :img_len, img_len:img_len + n].transpose(1, 2) if direction == "key"
-                   else probs[b, :, img_len:img_len + n, :img_len])
-            torch.testing.assert_close(got[b, :, :n], ref, atol=ATOL, rtol=0)
-            assert torch.all(got[b, :, n:] == 0)  # padded text tokens get no map
-
-
-def test_video_query_probs_equal_explicit_rows():
-    q, k, v = _qk()
-    txt_lens = torch.tensor([10, 4, 7])
-    _, probs = attention_explicit(q, k, v, img_len=30, txt_lens=txt_lens)
-    got = video_query_probs(q, k, [0, 7, 29], img_len=30, txt_lens=txt_lens)
-    torch.testing.assert_close(got, probs[:, :, [0, 7, 29], :30], atol=ATOL, rtol=0)
 
 
 def _tiny_dit_inputs(B=2, T=2, H=8, W=6, L_txt=6, lens=(6, 3), seed=0):

@@ -6,7 +6,7 @@ the picture (over heads, steps, subword tokens) and where a map sits (step, bloc
 
 Inputs follow hvlab's conventions: one video is (3, F, H, W) in [0, 1] (a row of
 ``GenerationOutput.videos``) or uint8 (F, H, W, 3); heat maps are (T, H, W) on the post-patch token grid
-(see `hvlab.inspection.hooks.upsample_to_video` for the frame mapping).
+(see `hvlab.inspection.attention_maps.upsample_to_video` for the frame mapping).
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .hooks import AttentionMaps, upsample_to_video
+from .attention_maps import AttentionMaps, upsample_to_video
 
 
 def _figure(w: float, h: float):

@@ -13,7 +13,7 @@ import io
 import numpy as np
 import torch
 
-from .hooks import AttentionMaps, upsample_to_video
+from .attention_maps import AttentionMaps, upsample_to_video
 from .viz import as_frames, attention_overlay, denoising_strip
 
 
