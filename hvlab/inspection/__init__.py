@@ -5,6 +5,8 @@
 - `attention_maps` — `AttentionRecorder` (text <-> video heat maps at chosen steps, blocks and heads, without
   an L x L tensor) and its result `AttentionMaps`; `upsample_to_video` puts a map on the video's frames.
 - `words` — `token_words`: which prompt word each text token belongs to.
+- `concepts` — `ConceptRecorder`: ConceptAttention-style maps in the attention output space (a concept stream
+  through the text weights that reads the video and is never read back).
 - `preview` — cheap RGB previews of latents through a fitted 16 -> 3 linear map.
 - `viz` — matplotlib figures (frame grids, denoising strips, attention overlays, animations).
 - `widgets` — ipywidgets explorers, each with a static-figure twin.
@@ -20,7 +22,10 @@ from .viz import (animation_html, as_frames, attention_overlay, channel_stats_pl
 from .widgets import attention_explorer, attention_static, latent_explorer, latents_static
 from .words import WORD_PATTERN, token_words
 
+from .concepts import ConceptRecorder, concept_attention
+
 __all__ = [
+    "ConceptRecorder", "concept_attention",
     "PipelineHook", "LatentRecorder", "channel_stats",
     "AttentionRecorder", "AttentionMaps", "resolve_blocks", "upsample_to_video",
     "token_words", "WORD_PATTERN",

@@ -38,7 +38,9 @@ from einops import rearrange
 
 from ..blocks import MMDoubleStreamBlock
 from ..modulation import apply_gate, chunk_modulation, modulate
-from .hooks import AttentionMaps, PipelineHook, resolve_blocks, token_words
+from .attention_maps import AttentionMaps, resolve_blocks
+from .hooks import PipelineHook
+from .words import token_words
 
 
 def concept_attention(q_c: torch.Tensor, k_c: torch.Tensor, v_c: torch.Tensor, k_video: torch.Tensor,
