@@ -165,13 +165,6 @@ class TextEncoder(nn.Module):
     def forward(self, prompts, device=None) -> TextEncoderOutput:
         return self.encode(prompts, device)
 
-    def offload(self) -> "TextEncoder":
-        """Move the weights to the CPU (and return the freed GPU memory to the allocator's pool)."""
-        self.model.to("cpu")
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        return self
-
 
 def _read_config(path: Path, what: str, layout: str) -> dict:
     config = path / "config.json"
