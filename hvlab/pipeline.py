@@ -13,8 +13,8 @@ usable on its own from a notebook. What differs from a vanilla text-to-video loo
 
 Around the loop: hooks (``pipe.hooks``, see `hvlab.inspection.hooks`) see every step; NaNs are caught at the step
 where they appear, and Ctrl-C saves the latents reached so far; both files resume with
-``pipe(resume_from=path)``. The settings, run records and resume files are `hvlab.runs`'; loading the
-release checkpoint (`load_pipeline`) and random-weight pipelines are `hvlab.loading`'s.
+``pipe(resume_from=path)``. Settings, run records and resume files live in `hvlab.runs`; loading the
+release checkpoint (`load_pipeline`) and random-weight pipelines in `hvlab.loading`.
 """
 from __future__ import annotations
 
