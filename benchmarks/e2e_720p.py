@@ -163,6 +163,7 @@ def build_dit(config, device, dtype, fp8: bool, seed: int, release,
 def run_pipeline(args, device, config, vae_config, size, cap_GiB, release) -> dict:
     from hvlab.fast import accelerate
     from hvlab.pipeline import HunyuanVideoPipeline
+    from hvlab.runs import RELEASE_DEFAULTS
     from hvlab.vae import AutoencoderKLCausal3D
 
     H, W, F = size
@@ -200,7 +201,8 @@ def run_pipeline(args, device, config, vae_config, size, cap_GiB, release) -> di
             t_last[0] = now
 
         latents = pipe.denoise(latents, text, mask, pooled, num_inference_steps=args.steps,
-                               embedded_guidance_scale=6.0, flow_shift=7.0, callback=on_step)
+                               embedded_guidance_scale=RELEASE_DEFAULTS["embedded_guidance_scale"],
+                               flow_shift=RELEASE_DEFAULTS["flow_shift"], callback=on_step)
     rec["denoise"]["step_s"] = step_times
     rec["denoise"]["finite"] = bool(torch.isfinite(latents).all())
     pipe.transformer = None
@@ -265,7 +267,8 @@ def main(argv=None) -> dict:
     if args.steps < 1:
         p.error(f"--steps must be >= 1, got {args.steps}")
 
-    from hvlab.pipeline import CheckpointLayoutError, check_release_layout
+    from hvlab.loading import CheckpointLayoutError, check_release_layout
+    from hvlab.runs import RELEASE_DEFAULTS
     from hvlab.vae import TINY_VAE_CONFIG, VAE_884_16C_HY_CONFIG
 
     if args.quick:
@@ -275,7 +278,8 @@ def main(argv=None) -> dict:
         release = None
     else:
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        config, vae_config, size = HYVIDEO_T2_CONFIG, VAE_884_16C_HY_CONFIG, (720, 1280, 129)
+        config, vae_config, size = HYVIDEO_T2_CONFIG, VAE_884_16C_HY_CONFIG, tuple(
+            RELEASE_DEFAULTS[k] for k in ("height", "width", "video_length"))
         args.vae_tile_px, args.vae_tile_frames = args.vae_tile_px or 256, args.vae_tile_frames or 64
         try:
             release = check_release_layout(args.ckpts, fp8=not args.no_fp8)

@@ -11,8 +11,9 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "load_toy": ("hvlab.toy.model", "load_toy"),
-    "load_pipeline": ("hvlab.pipeline", "load_pipeline"),
+    "load_pipeline": ("hvlab.loading", "load_pipeline"),
     "HunyuanVideoPipeline": ("hvlab.pipeline", "HunyuanVideoPipeline"),
+    "GenerationSettings": ("hvlab.runs", "GenerationSettings"),
     "HYVideoDiffusionTransformer": ("hvlab.model", "HYVideoDiffusionTransformer"),
     "HYVideoConfig": ("hvlab.model", "HYVideoConfig"),
     "params_count": ("hvlab.model", "params_count"),

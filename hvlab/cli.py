@@ -18,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+from .runs import RELEASE_DEFAULTS  # torch-free: --help stays instant
+
 MODELS = ("toy", "toy-random", "tiny-random")
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16"}
@@ -35,11 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
                         f"smoke tests: {MODELS[1:]} (default toy)")
     g.add_argument("--model-base", default=None, help="release checkpoint folder (ckpts/ layout); overrides --model")
     g.add_argument("--video-size", type=int, nargs=2, metavar=("H", "W"), default=None)
-    g.add_argument("--video-length", type=int, default=None, help="frames, 4k + 1 (release 129)")
+    g.add_argument("--video-length", type=int, default=None, help=f"frames, 4k + 1 (release {RELEASE_DEFAULTS['video_length']})")
     g.add_argument("--infer-steps", type=int, default=None)
     g.add_argument("--seed", type=int, default=None, help="video i uses seed + i (default: random, recorded)")
     g.add_argument("--cfg-scale", type=float, default=None, help="true CFG scale (1.0 = off)")
-    g.add_argument("--embedded-cfg-scale", type=float, default=None, help="guidance for distilled models (release 6.0)")
+    g.add_argument("--embedded-cfg-scale", type=float, default=None, help=f"guidance for distilled models (release {RELEASE_DEFAULTS['embedded_guidance_scale']})")
     g.add_argument("--flow-shift", type=float, default=None)
     g.add_argument("--flow-reverse", action=argparse.BooleanOptionalAction, default=None)
     g.add_argument("--neg-prompt", default=None, help="negative prompt (used with --cfg-scale > 1)")
@@ -78,7 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "and writes the files (hvlab.fast.parallel)")
 
     i = sub.add_parser("info", help="model structure (torchinfo) and parameter counts")
-    i.add_argument("--model", default="toy", choices=("toy", "13b", "tiny"))
+    i.add_argument("--model", default="toy",
+                   help="a DiT preset of hvlab.model.PRESETS (HYVideo-T/2-cfgdistill, toy, tiny) or an alias of "
+                        "PRESET_ALIASES (13b)")
     i.add_argument("--depth", type=int, default=2, help="torchinfo depth")
 
     for name, target in (("train-toy", "hvlab.toy.train"), ("eval-toy", "hvlab.toy.evaluate")):
@@ -113,7 +117,7 @@ def load_model(model: str = "toy", model_base: str | None = None, device: str | 
     """The pipeline the command line asks for (the run options are applied here).
 
     For the release model, ``plan_size`` = (video_length, height, width) is checked against the card's memory
-    before any weight is read (`hvlab.pipeline.load_pipeline`)."""
+    before any weight is read (`hvlab.loading.load_pipeline`)."""
     import torch
 
     device = device or _default_device()
@@ -121,15 +125,15 @@ def load_model(model: str = "toy", model_base: str | None = None, device: str | 
     dt = getattr(torch, DTYPES[dtype]) if dtype else (torch.bfloat16 if device.startswith("cuda") and model_base
                                                       else torch.float32)
     if model_base:
-        from .pipeline import load_pipeline
+        from .loading import load_pipeline
 
         return load_pipeline(model_base, device=device, dtype=dt, fp8=fp8, cpu_offload=cpu_offload,
                              vae_tiling=vae_tiling, vae_tile_size=vae_tile_size, plan_size=plan_size,
                              memory_limit_gib=memory_limit_gib, check_memory=check_memory)
     if model in ("toy-random", "tiny-random"):
-        from .pipeline import random_pipeline
+        from .toy.model import random_toy_pipeline
 
-        pipe = random_pipeline(model.split("-")[0], seed=0, device=device, dtype=dt)
+        pipe = random_toy_pipeline(model.split("-")[0], seed=0, device=device, dtype=dt)
     else:
         from .toy.model import WEIGHTS_DIR, load_toy
 
@@ -181,7 +185,7 @@ def cmd_generate(args):
 
     from . import __version__
     from .inspection import AttentionRecorder, LatentRecorder
-    from .pipeline import GenerationInterrupted, GenerationSettings, NonFiniteLatentsError, load_state
+    from .runs import GenerationInterrupted, GenerationSettings, NonFiniteLatentsError, load_state
 
     run = dict(model=args.model, model_base=args.model_base, device=args.device, dtype=args.dtype, fp8=args.fp8,
                vae_tiling=args.vae_tiling, cpu_offload=args.cpu_offload,
@@ -215,9 +219,7 @@ def cmd_generate(args):
     if settings is not None:  # what the memory plan checks before the release weights load
         plan = (settings.video_length, settings.height, settings.width)
     else:
-        from .pipeline import HunyuanVideoPipeline
-
-        d = HunyuanVideoPipeline.RELEASE_DEFAULTS
+        d = RELEASE_DEFAULTS
         h, w = args.video_size or (d["height"], d["width"])
         plan = (args.video_length or d["video_length"], h, w)
     t_start = time.perf_counter()
@@ -257,7 +259,7 @@ def cmd_generate(args):
     hooks = [h for h in (latent_rec, att_rec) if h is not None]
     state = load_state(resume) if resume else None
     info = dict(hvlab_version=__version__, torch_version=torch.__version__, run=run,
-                weights=_weights_note(run["model"], run["model_base"]), fps=pipe.defaults.get("fps", 24),
+                weights=_weights_note(run["model"], run["model_base"]), fps=pipe.defaults["fps"],
                 resumed_from=resume, command=["hvlab", *getattr(args, "argv", sys.argv[1:])])
     try:
         for h in hooks:
@@ -331,24 +333,24 @@ def cmd_info(args) -> None:
     import torch
     from torchinfo import summary
 
-    from .model import HYVIDEO_T2_CONFIG, TINY_CONFIG, HYVideoDiffusionTransformer, params_count
-    from .toy.model import TOY_DIT_CONFIG, WEIGHTS_DIR
+    from .model import PRESETS, HYVideoDiffusionTransformer, params_count, preset_config
+    from .toy.model import WEIGHTS_DIR
     from .vae import VAE_884_16C_HY_CONFIG, AutoencoderKLCausal3D
 
-    configs = {"13b": HYVIDEO_T2_CONFIG, "toy": TOY_DIT_CONFIG, "tiny": TINY_CONFIG}
+    config = preset_config(args.model)  # a name or an alias; an unknown one names the accepted ones
     with torch.device("meta"):  # nothing is allocated: the 13B model is only shapes here
-        model = HYVideoDiffusionTransformer(configs[args.model])
+        model = HYVideoDiffusionTransformer(config)
     print(summary(model, depth=args.depth, verbose=0, col_names=("num_params",)))
     print("\nparams_count (the official grouping: double = qkv + proj + mlp of both streams, single = linear1 + linear2)")
     rows = []
-    for name in ("13b", "toy"):
+    for name in ("HYVideo-T/2-cfgdistill", "toy"):
         with torch.device("meta"):
-            counts = params_count(HYVideoDiffusionTransformer(configs[name]))
+            counts = params_count(HYVideoDiffusionTransformer(PRESETS[name]))
         rows.append((name, counts))
     keys = list(rows[0][1])
-    print(f"{'model':<6}" + "".join(f"{k:>18}" for k in keys))
+    print(f"{'model':<24}" + "".join(f"{k:>18}" for k in keys))
     for name, counts in rows:
-        print(f"{name:<6}" + "".join(f"{counts[k]:>18,}" for k in keys))
+        print(f"{name:<24}" + "".join(f"{counts[k]:>18,}" for k in keys))
     with torch.device("meta"):
         vae = AutoencoderKLCausal3D(VAE_884_16C_HY_CONFIG)
     print(f"\nrelease VAE (884-16c-hy): {sum(p.numel() for p in vae.parameters()):,} parameters")

@@ -92,8 +92,25 @@ TOY_CONFIG = HYVideoConfig(
     guidance_embed=False,  # not guidance-distilled: the toy samples with true CFG
     refiner_depth=1,
 )
+# The one registry of DiT presets: the release by its official name, and hvlab's two small ones.
+# PRESET_ALIASES are the other accepted spellings (``hvlab info --model 13b``).
 PRESETS: dict[str, HYVideoConfig] = {"HYVideo-T/2-cfgdistill": HYVIDEO_T2_CONFIG, "toy": TOY_CONFIG,
                                      "tiny": TINY_CONFIG}
+PRESET_ALIASES: dict[str, str] = {"13b": "HYVideo-T/2-cfgdistill"}
+
+
+def preset_name(name: str) -> str:
+    """The `PRESETS` key for ``name``, a preset name or one of `PRESET_ALIASES`; raises naming the accepted ones."""
+    name = PRESET_ALIASES.get(name, name)
+    if name not in PRESETS:
+        raise ValueError(f"unknown DiT preset {name!r}: expected one of {sorted(PRESETS)} "
+                         f"or an alias {PRESET_ALIASES}")
+    return name
+
+
+def preset_config(name: str) -> HYVideoConfig:
+    """The `HYVideoConfig` of a preset, by name or alias (``preset_config("13b") is HYVIDEO_T2_CONFIG``)."""
+    return PRESETS[preset_name(name)]
 
 
 def patchify(x: torch.Tensor, patch_size: Sequence[int]) -> torch.Tensor:

@@ -25,6 +25,8 @@ from typing import Sequence
 
 import torch
 
+from .runs import RELEASE_DEFAULTS
+
 SOLVERS = ("euler",)
 
 
@@ -39,13 +41,15 @@ def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
 
 def _check_shift(shift: float) -> float:
     if isinstance(shift, bool) or not isinstance(shift, (int, float)) or not math.isfinite(shift) or shift <= 0:
-        raise ValueError(f"shift must be a finite number > 0 (official default 7.0), got {shift!r}")
+        raise ValueError(f"shift must be a finite number > 0 (official default {RELEASE_DEFAULTS['flow_shift']}), "
+                         f"got {shift!r}")
     return float(shift)
 
 
 def _check_steps(n: int, name: str = "num_inference_steps") -> int:
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"{name} must be an int >= 1 (official default 50), got {n!r}")
+        raise ValueError(f"{name} must be an int >= 1 (official default {RELEASE_DEFAULTS['num_inference_steps']}), "
+                         f"got {n!r}")
     return n
 
 
@@ -54,7 +58,8 @@ class FlowMatchDiscreteScheduler:
 
     Args:
         num_train_timesteps: the model's time scale: it is fed ``t = sigma * num_train_timesteps``.
-        shift: grid shift (see the module docstring); hvlab's default is the official CLI's 7.0.
+        shift: grid shift (see the module docstring); the default is the official CLI's 7.0
+            (``hvlab.runs.RELEASE_DEFAULTS["flow_shift"]``).
         reverse: True runs sigma 1 -> 0 (noise to data), which every official command asks for
             with ``--flow-reverse``; False runs 0 -> 1 (the official CLI's literal default).
         solver: only "euler" exists (as upstream).
@@ -63,7 +68,8 @@ class FlowMatchDiscreteScheduler:
     0 when reversed) and ``timesteps`` the n values given to the model, ``sigmas[:-1] * 1000``.
     """
 
-    def __init__(self, num_train_timesteps: int = 1000, shift: float = 7.0, reverse: bool = True, solver: str = "euler"):
+    def __init__(self, num_train_timesteps: int = 1000, shift: float = RELEASE_DEFAULTS["flow_shift"],
+                 reverse: bool = True, solver: str = "euler"):
         _check_steps(num_train_timesteps, "num_train_timesteps")
         if solver not in SOLVERS:
             raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")

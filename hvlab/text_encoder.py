@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from .prompts import apply_template, derive_crop_start, validate_prompts
+from .runs import RELEASE_DEFAULTS
 
 LLM_LAYOUT = (
     "a Hugging Face folder with config.json, the weights (model*.safetensors or pytorch_model*.bin) and the "
@@ -164,13 +165,6 @@ class TextEncoder(nn.Module):
     def forward(self, prompts, device=None) -> TextEncoderOutput:
         return self.encode(prompts, device)
 
-    def offload(self) -> "TextEncoder":
-        """Move the weights to the CPU (and return the freed GPU memory to the allocator's pool)."""
-        self.model.to("cpu")
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        return self
-
 
 def _read_config(path: Path, what: str, layout: str) -> dict:
     config = path / "config.json"
@@ -288,5 +282,6 @@ def embedded_guidance(scale: float, dtype: torch.dtype = torch.bfloat16, batch_s
     "fixing" them.
     """
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise TypeError(f"scale must be a number (official default 6.0), got {type(scale).__name__}")
+        raise TypeError(f"scale must be a number (official default {RELEASE_DEFAULTS['embedded_guidance_scale']}), "
+                        f"got {type(scale).__name__}")
     return torch.full((batch_size,), float(scale), dtype=torch.float32, device=device).to(dtype) * 1000.0

@@ -29,7 +29,7 @@ import torch.nn as nn
 from .checkpoint import load_into, load_state_dict_file
 from .vae_blocks import CausalConv3d, DownEncoderBlockCausal3D, UNetMidBlockCausal3D, UpDecoderBlockCausal3D, silu
 from .vae_tiling import TilingConfig, decode_axes, encode_axes, run_tiled
-from .video import nearest_valid
+from .video import check_video_length, nearest_valid
 
 
 @dataclass
@@ -209,9 +209,7 @@ class AutoencoderKLCausal3D(nn.Module):
             raise ValueError(f"encode expects a video (B, {cfg.in_channels}, F, H, W) in [-1, 1], got {tuple(x.shape)}")
         _, _, Fr, H, W = x.shape
         rt, rs = cfg.temporal_compression_ratio, cfg.spatial_compression_ratio
-        if (Fr - 1) % rt:
-            raise ValueError(f"the frame count - 1 must be a multiple of {rt} (causal VAE: {rt}k + 1 frames), "
-                             f"got {Fr}, nearest valid: {nearest_valid(Fr, rt, offset=1)}")
+        check_video_length(Fr, rt, name="the frame count")
         for name, n in (("height", H), ("width", W)):
             if n % rs:
                 raise ValueError(f"{name} must be a multiple of {rs}, got {n}, nearest valid: "
@@ -222,6 +220,16 @@ class AutoencoderKLCausal3D(nn.Module):
             return DiagonalGaussianDistribution(self._encode_tile(x))
         out_shape = (2 * cfg.latent_channels, (Fr - 1) // rt + 1, H // rs, W // rs)
         return DiagonalGaussianDistribution(run_tiled(self._encode_tile, x, axes, out_shape))
+
+    def decode_calls(self, latent_shape) -> int:
+        """How many decoder calls `decode` makes for latents of ``latent_shape`` ((B, C, T, h, w) or (T, h, w)):
+        1 untiled, one per tile when tiled (the product of the tiles along time, height and width)."""
+        if not self.use_tiling:
+            return 1
+        cfg = self.config
+        axes = decode_axes(tuple(latent_shape[-3:]), self.tiling, cfg.spatial_compression_ratio,
+                           cfg.temporal_compression_ratio)
+        return math.prod(len(a.src) for a in axes)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         cfg = self.config

@@ -23,14 +23,24 @@ def nearest_valid(value: int, step: int, offset: int = 0) -> str:
     return " or ".join(str(v) for v in found) if found else str(first)
 
 
-def latent_frames(video_length: int, temporal_compression_ratio: int = 4) -> int:
-    """Latent frames for a video of ``video_length`` = 4k + 1 frames: k + 1 (129 -> 33)."""
+def check_video_length(video_length: int, temporal_compression_ratio: int = 4, name: str = "video_length") -> int:
+    """Return ``video_length`` if it is 4k + 1 frames, else raise naming the nearest valid lengths.
+
+    hvlab's one statement of the frame-count rule: the pipeline, the VAE, the memory plan and the toy data
+    all call it (``name`` is the argument's name in the caller's error message).
+    """
     r = temporal_compression_ratio
     if video_length < 1 or (video_length - 1) % r:
-        raise ValueError(f"video_length must be {r}k+1; got {video_length}, nearest valid: "
+        raise ValueError(f"{name} must be {r}k+1; got {video_length}, nearest valid: "
                          f"{nearest_valid(video_length, r, offset=1)} (the causal VAE keeps frame 0 alone, "
-                         f"then compresses groups of {r})")
-    return (video_length - 1) // r + 1
+                         f"then compresses groups of {r}: {name} - 1 must be a multiple of {r}, got {video_length})")
+    return video_length
+
+
+def latent_frames(video_length: int, temporal_compression_ratio: int = 4) -> int:
+    """Latent frames for a video of ``video_length`` = 4k + 1 frames: k + 1 (129 -> 33)."""
+    check_video_length(video_length, temporal_compression_ratio)
+    return (video_length - 1) // temporal_compression_ratio + 1
 
 
 def video_frames(latent_t: int, temporal_compression_ratio: int = 4) -> int:

@@ -43,11 +43,12 @@ def test_generate_writes_the_video_settings_and_pictures_and_the_settings_reprod
 
 
 def test_resume_from_an_interrupted_run_gives_the_uninterrupted_video(tmp_path):
-    from hvlab.pipeline import GenerationInterrupted, random_pipeline
+    from hvlab.runs import GenerationInterrupted
+    from hvlab.toy.model import random_toy_pipeline
 
     full_dir, full = generate(PROMPT, "--model", "tiny-random", "--seed", "3", "--preview-every", "0",
                               "--save-path", str(tmp_path / "full"))
-    pipe = random_pipeline("tiny")  # the same seeded weights the CLI builds
+    pipe = random_toy_pipeline("tiny")  # the same seeded weights the CLI builds
 
     def stop(state):
         if state.i == 2:

@@ -143,9 +143,9 @@ def test_upsample_to_video_follows_the_causal_vae_frame_groups():
 
 @pytest.fixture(scope="module")
 def pipe():
-    from hvlab.pipeline import random_pipeline
+    from hvlab.toy.model import random_toy_pipeline
 
-    return random_pipeline("tiny", seed=0)
+    return random_toy_pipeline("tiny", seed=0)
 
 
 def test_latent_recorder_x0_and_final_decode_obey_the_flow_maths(pipe):

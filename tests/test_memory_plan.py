@@ -13,7 +13,7 @@ import hvlab.text_encoder
 import hvlab.vae
 from hvlab import cli
 from hvlab.model import HYVIDEO_T2_CONFIG
-from hvlab.pipeline import RELEASE_FILES, load_pipeline
+from hvlab.loading import RELEASE_FILES, load_pipeline
 
 ALL = ("llm", "clip", "dit", "vae")  # without cpu_offload every model stays on the GPU
 

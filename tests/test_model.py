@@ -67,6 +67,15 @@ def test_13b_keys_and_shapes_match_release_list():
     assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == expected
 
 
+def test_preset_aliases_resolve_through_the_one_registry():
+    from hvlab.model import PRESET_ALIASES, preset_config
+
+    assert preset_config("13b") is HYVIDEO_T2_CONFIG and preset_config("tiny") is TINY_CONFIG
+    assert all(target in PRESETS for target in PRESET_ALIASES.values())
+    with pytest.raises(ValueError, match=r"unknown DiT preset '13B'.*HYVideo-T/2-cfgdistill"):
+        preset_config("13B")
+
+
 def test_presets_and_config_validation():
     assert PRESETS["HYVideo-T/2-cfgdistill"] is HYVIDEO_T2_CONFIG and PRESETS["tiny"] is TINY_CONFIG
     tiny = HYVideoDiffusionTransformer(TINY_CONFIG)

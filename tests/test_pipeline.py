@@ -10,15 +10,16 @@ import json
 import pytest
 import torch
 
-from hvlab.pipeline import (CheckpointLayoutError, GenerationInterrupted, GenerationSettings, NonFiniteLatentsError,
-                            check_release_layout, load_state, random_pipeline)
+from hvlab.loading import CheckpointLayoutError, check_release_layout
+from hvlab.runs import GenerationInterrupted, GenerationSettings, NonFiniteLatentsError, load_state
+from hvlab.toy.model import random_toy_pipeline
 
 PROMPT = "a red circle moving right"
 
 
 @pytest.fixture(scope="module")
 def pipe():
-    return random_pipeline("tiny", seed=0)
+    return random_toy_pipeline("tiny", seed=0)
 
 
 def test_fixed_seed_gives_the_same_video_and_another_seed_does_not(pipe):
@@ -126,7 +127,7 @@ def test_load_pipeline_reads_the_release_layout(pipe, tmp_path):
     from dataclasses import asdict
 
     from hvlab.model import TINY_CONFIG
-    from hvlab.pipeline import load_pipeline
+    from hvlab.loading import load_pipeline
 
     base = tmp_path / "ckpts"
     dit_dir, vae_dir = base / "hunyuan-video-t2v-720p" / "transformers", base / "hunyuan-video-t2v-720p" / "vae"
@@ -152,18 +153,46 @@ def test_decode_progress_counts_every_tile_and_changes_nothing(pipe):
     try:
         calls0 = pipe.vae.decode_tile_calls
         tiled = pipe.decode(z, progress=True)
-        assert pipe.vae.decode_tile_calls - calls0 == 2 * pipe._decode_calls(z.shape) > 2
+        assert pipe.vae.decode_tile_calls - calls0 == 2 * pipe.vae.decode_calls(z.shape) > 2
         assert "_decode_tile" not in vars(pipe.vae)  # the counting wrapper is gone
+        assert not pipe.vae.decoder._forward_hooks  # the bar's hook is removed
         assert torch.equal(pipe.decode(z), tiled)
     finally:
         pipe.vae.disable_tiling()
     assert not torch.equal(tiled, plain)  # tiling really happened (a random VAE's tiles differ at their seams)
 
 
+def test_decode_progress_bar_reaches_the_vaes_own_tile_count(pipe, monkeypatch):
+    import tqdm.auto
+
+    bars = []
+
+    class Bar:  # records what the pipeline asks of tqdm
+        def __init__(self, total, desc):
+            self.total, self.n, self.closed = total, 0, False
+            bars.append(self)
+
+        def update(self, k=1):
+            self.n += k
+
+        def close(self):
+            self.closed = True
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", Bar)
+    z = torch.randn(2, 16, 3, 12, 12, generator=torch.Generator().manual_seed(0))
+    pipe.vae.enable_tiling(tile_sample_min_size=64)  # 2 x 2 tiles per video
+    try:
+        pipe.decode(z, progress=True)
+    finally:
+        pipe.vae.disable_tiling()
+    pipe.decode(z, progress=True)  # untiled: one decoder call per video
+    assert [(b.total, b.n, b.closed) for b in bars] == [(8, 8, True), (2, 2, True)]
+
+
 def test_fp8_flag_converts_the_blocks_and_stays_close(pipe):
     from hvlab.fast.fp8 import FP8Linear
 
-    fp8 = random_pipeline("tiny", seed=0)
+    fp8 = random_toy_pipeline("tiny", seed=0)
     with pytest.warns(UserWarning):  # no FP8 matmul on a CPU: weight-only mode, said once
         fp8.enable_fp8()
     assert any(isinstance(m, FP8Linear) for m in fp8.transformer.modules())
@@ -174,7 +203,7 @@ def test_fp8_flag_converts_the_blocks_and_stays_close(pipe):
 
 def test_cpu_offload_moves_the_encoders_and_vae_only_while_used(monkeypatch):
     """On a CPU-only machine we watch the .to() calls instead of a GPU's memory."""
-    p = random_pipeline("tiny", seed=0)
+    p = random_toy_pipeline("tiny", seed=0)
     p.enable_cpu_offload()
     p.device = torch.device("meta")  # any device other than the CPU: nothing may actually run there
     moves = []

@@ -22,7 +22,7 @@ Where the numbers come from:
 - A margin of ``slack`` (default 10%) on each stage for the allocator's rounding and cuDNN workspaces.
 
 `check_fits` compares the plan's peak with the card's free memory (or a cap) and raises with the breakdown.
-`check_load_plan` runs it for `hvlab.pipeline.load_pipeline`'s settings before any weight is read, naming
+`check_load_plan` runs it for `hvlab.loading.load_pipeline`'s settings before any weight is read, naming
 the loader settings that would fit.
 For cards too small even for that, `hvlab.fast.offload.BlockOffloader` keeps the DiT blocks on the CPU and streams two at a time.
 
@@ -38,6 +38,8 @@ from dataclasses import replace
 
 import torch
 from torch import nn
+
+from ..runs import RELEASE_DEFAULTS
 
 GiB = 2**30
 LLM_PARAMS = 7.504e9  # llava-llama-3-8b's LlamaModel (no lm_head): 32 layers x 4096, vocab 128,256
@@ -196,10 +198,9 @@ def estimate_pipeline_memory(config, height: int, width: int, video_length: int,
     ("llm", "clip", "dit", "vae") whose weights stay on the GPU through every stage instead of leaving after
     theirs; `HunyuanVideoPipeline` keeps the DiT there, and without ``cpu_offload`` all four.
     """
-    from ..video import latent_shape
+    from ..video import check_video_length, latent_shape
 
-    if (video_length - 1) % 4:
-        raise ValueError(f"video_length - 1 must be a multiple of 4, got {video_length}")
+    check_video_length(video_length)
     C, T, h, w = latent_shape(height, width, video_length, config.in_channels)
     pt, ph, pw = config.patch_size
     L_img = (T // pt) * (h // ph) * (w // pw)
@@ -338,11 +339,11 @@ def check_fits(estimate: dict, device: torch.device | str | None = None, cap_GiB
 
 
 # ---------------------------------------------------------------------------------------- before loading
-RELEASE_PLAN_SIZE = (129, 720, 1280)  # (video_length, height, width) the release generates by default
+RELEASE_PLAN_SIZE = tuple(RELEASE_DEFAULTS[k] for k in ("video_length", "height", "width"))  # 129, 720, 1280
 
 
 def _load_estimate(config, plan_size, fp8: bool, cpu_offload: bool, vae_tile: tuple[int, int] | None) -> dict:
-    """The estimate for `hvlab.pipeline.load_pipeline`'s settings: no token chunking; the DiT never leaves the
+    """The estimate for `hvlab.loading.load_pipeline`'s settings: no token chunking; the DiT never leaves the
     GPU, and without ``cpu_offload`` neither do the text encoders and the VAE."""
     if len(plan_size) != 3:
         raise ValueError(f"plan_size must be (video_length, height, width), got {plan_size!r}")
@@ -370,7 +371,7 @@ def _flags(change: dict) -> str:
 def check_load_plan(config, device: torch.device | str, plan_size: tuple[int, int, int] = RELEASE_PLAN_SIZE,
                     fp8: bool = False, cpu_offload: bool = False, vae_tile: tuple[int, int] | None = (256, 64),
                     cap_GiB: float | None = None) -> dict:
-    """The check `hvlab.pipeline.load_pipeline` runs before it reads a weight; returns the estimate.
+    """The check `hvlab.loading.load_pipeline` runs before it reads a weight; returns the estimate.
 
     ``plan_size`` = (video_length, height, width) to be generated; ``vae_tile`` = (px, frames), None without
     tiling. When the peak exceeds `available_GiB`, raises `MemoryPlanError` with the per-stage estimate and

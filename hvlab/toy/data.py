@@ -20,6 +20,8 @@ import math
 import torch
 from torch.utils.data import Dataset
 
+from ..video import check_video_length
+
 COLOURS = ("red", "green", "blue", "yellow", "cyan", "magenta", "white")
 PALETTE = torch.tensor([  # RGB in 0..1, one row per entry of COLOURS
     [1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [1.0, 1.0, 0.0],
@@ -85,8 +87,7 @@ def split_of(colour, shape, direction) -> str:
 
 
 def _check_room(frames: int, size: int) -> None:
-    if frames < 1 or (frames - 1) % 4 != 0:
-        raise ValueError(f"frames - 1 must be a multiple of 4 (the VAE compresses time 4x), got frames={frames}")
+    check_video_length(frames, name="frames")  # the VAE compresses time 4x
     need = 2 * (RADIUS_RANGE[1] + MARGIN) + SPEED_RANGE[1] * (frames - 1)
     if size < need:
         raise ValueError(f"size must be at least {need:g} px for a radius-{RADIUS_RANGE[1]:g} object to move "

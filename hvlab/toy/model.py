@@ -17,14 +17,13 @@ from pathlib import Path
 
 import torch
 
-from ..model import TOY_CONFIG, HYVideoDiffusionTransformer
-from ..vae import AutoencoderKLCausal3D, VAEConfig
+from ..model import PRESETS, HYVideoDiffusionTransformer
+from ..runs import RELEASE_DEFAULTS
+from ..vae import TINY_VAE_CONFIG, AutoencoderKLCausal3D, VAEConfig
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 
 TOY_FRAMES, TOY_SIZE = 17, 128
-
-TOY_DIT_CONFIG = TOY_CONFIG  # defined beside the release preset in hvlab/model.py
 
 # The VAE: 8x spatial and 4x temporal compression into 16 channels, as the release; narrower blocks.
 TOY_VAE_CONFIG = VAEConfig(
@@ -43,6 +42,10 @@ TOY_CLIP = dict(hidden=64, layers=2, seed=4321, max_length=77)
 TOY_DEFAULTS = dict(height=TOY_SIZE, width=TOY_SIZE, video_length=TOY_FRAMES, num_inference_steps=30,
                     guidance_scale=4.0, embedded_guidance_scale=None, flow_shift=5.0, flow_reverse=True,
                     fps=8, negative_prompt="")
+# The "tiny" preset's (every block type at the smallest sizes): guidance-distilled like the release, 4 steps.
+TINY_DEFAULTS = dict(height=64, width=64, video_length=9, num_inference_steps=4, guidance_scale=1.0,
+                     embedded_guidance_scale=RELEASE_DEFAULTS["embedded_guidance_scale"], flow_shift=5.0,
+                     flow_reverse=True, fps=8, negative_prompt="")
 
 
 def build_text_encoders(tokenizer=None):
@@ -84,7 +87,7 @@ def load_toy(device: str | torch.device = "cpu", dtype: torch.dtype = torch.floa
             f"text_encoder.safetensors, text_encoder_2.safetensors, config.json). Train them with "
             f"`python -m hvlab.toy.train` or restore the folder from the repository.")
     meta = json.loads((wd / "config.json").read_text())
-    dit = HYVideoDiffusionTransformer(TOY_DIT_CONFIG)
+    dit = HYVideoDiffusionTransformer(PRESETS["toy"])  # the DiT preset (hvlab.model.PRESETS)
     load_dit_checkpoint(dit, str(wd / "dit.safetensors"))
     vae = AutoencoderKLCausal3D(toy_vae_config(meta["vae_scaling_factor"]))
     load_vae_checkpoint(vae, str(wd / "vae.safetensors"))
@@ -96,3 +99,30 @@ def load_toy(device: str | torch.device = "cpu", dtype: torch.dtype = torch.floa
     defaults = dict(TOY_DEFAULTS, **meta.get("defaults", {}))
     return HunyuanVideoPipeline(dit, vae, llm, clip, defaults=defaults, device=device, dtype=dtype,
                                 latent_rgb_map=meta.get("latent_to_rgb"))
+
+
+def random_toy_pipeline(preset: str = "tiny", seed: int = 0, device="cpu", dtype=torch.float32):
+    """A pipeline of the real architecture with seeded random weights and the toy's tokenizers, for tests
+    and smoke runs (`hvlab.loading.random_pipeline` builds the DiT and VAE).
+
+    "tiny": every block type at the smallest sizes (64 x 64 x 9 frames by default, 4 steps, a few ms per step
+    on a CPU), with tiny text encoders over the toy vocabulary; "toy": the toy model's sizes and its own fixed
+    text encoders, without its trained weights. The same seed always gives the same weights.
+    """
+    from ..loading import random_pipeline
+    from ..text_encoder import tiny_clip_encoder, tiny_llm_encoder
+    from .tokenizer import load_toy_tokenizer
+
+    if preset == "tiny":
+        dit_cfg, vae_cfg, defaults = PRESETS["tiny"], TINY_VAE_CONFIG, dict(TINY_DEFAULTS)
+        # 3 layers, so the official "skip the last 2" picks layer 1
+        llm = tiny_llm_encoder(load_toy_tokenizer(), hidden=dit_cfg.text_states_dim, layers=3, heads=2,
+                               seed=seed + 1, max_length=32)
+        clip = tiny_clip_encoder(load_toy_tokenizer(kind="clip"), hidden=dit_cfg.text_states_dim_2, layers=1,
+                                 heads=2, seed=seed + 2, max_length=77)
+    elif preset == "toy":
+        dit_cfg, vae_cfg, defaults = PRESETS["toy"], toy_vae_config(), dict(TOY_DEFAULTS)
+        llm, clip = build_text_encoders()  # the toy's own (fixed) text encoders
+    else:
+        raise ValueError(f'preset must be "tiny" or "toy", got {preset!r}')
+    return random_pipeline(dit_cfg, vae_cfg, llm, clip, defaults=defaults, seed=seed, device=device, dtype=dtype)

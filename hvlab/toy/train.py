@@ -31,11 +31,11 @@ import torch
 import torch.nn.functional as F
 
 from ..checkpoint import load_state_dict_file, save_safetensors
-from ..model import HYVideoDiffusionTransformer
+from ..model import PRESETS, HYVideoDiffusionTransformer
 from ..scheduler import sample_training_sigmas
 from ..vae import AutoencoderKLCausal3D
 from . import data
-from .model import TOY_DEFAULTS, TOY_DIT_CONFIG, WEIGHTS_DIR, build_text_encoders, toy_vae_config
+from .model import TOY_DEFAULTS, WEIGHTS_DIR, build_text_encoders, toy_vae_config
 
 
 def lr_at(step: int, total: int, base: float, warmup: int) -> float:
@@ -189,7 +189,7 @@ def train_dit(args, device, gen, state, out, vae):
         pooled = clip.encode(captions, device=device).hidden_state.float()
     cap_ids = torch.tensor([captions.index(c) for c in pool_caps], device=device)
 
-    dit = HYVideoDiffusionTransformer(TOY_DIT_CONFIG).to(device)
+    dit = HYVideoDiffusionTransformer(PRESETS["toy"]).to(device)
     if args.init_from and "dit" not in state:
         warm_start(dit, args.init_from, "dit.safetensors")
     if "dit" in state:
