@@ -68,6 +68,7 @@ OFFICIAL_FLAGS: tuple[tuple[str, str, str | None, str], ...] = (
     ("--disable-autocast", "False", None, "hvlab does not autocast: the DiT runs in --dtype"),
     ("--reproduce", "False", None, "hvlab's noise depends only on the seed (one CPU generator per video)"),
 )
+"""(official flag, official default, ``hvlab generate`` flag or None, note), the blog's flags first."""
 
 
 def hvlab_flags() -> list[str]:
