@@ -131,14 +131,42 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return out.transpose(1, 2)  # (B, L, nh, hd)
 
 
+def segment_bounds(lengths: list[int], L: int) -> list[int]:
+    """Segment boundaries in the flattened (B * L) sequence: ``[0, n_0, L, L + n_1, 2L, ...]``, 2B + 1 numbers.
+
+    Sample b is two segments: its ``n_b`` real tokens, then its padding (empty when ``n_b == L``).
+    """
+    bounds = [0]
+    for b, n in enumerate(lengths):
+        if not 0 <= n <= L:
+            raise ValueError(f"each length must lie in [0, L = {L}], got {n} for sample {b}")
+        bounds += [b * L + n, (b + 1) * L]
+    return bounds
+
+
+def get_cu_seqlens(text_mask: torch.Tensor, img_len: int) -> torch.Tensor:
+    """The official ``get_cu_seqlens(text_mask, img_len)``: flash-attn's ``cu_seqlens`` for the joint sequence.
+
+    ``text_mask`` (B, L_txt) ones then zeros; returns int32 (2B + 1,) on the mask's device, the
+    `segment_bounds` of ``n_b = img_len + text_mask[b].sum()`` with ``L = img_len + L_txt``.
+    """
+    if text_mask.dim() != 2:
+        raise ValueError(f"text_mask must be (B, L_txt), got shape {tuple(text_mask.shape)}")
+    B, L_txt = text_mask.shape
+    valid = text_mask.bool()
+    txt_lens = valid.sum(1)
+    if not torch.equal(valid, torch.arange(L_txt, device=valid.device)[None, :] < txt_lens[:, None]):
+        raise ValueError("text_mask must be ones then zeros in every row (padding on the right), got "
+                         f"{text_mask.int().tolist()}")
+    lengths = valid_lengths(B, img_len + L_txt, img_len, txt_lens)
+    return torch.tensor(segment_bounds(lengths, img_len + L_txt), dtype=torch.int32, device=text_mask.device)
+
+
 def _flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: list[int]) -> torch.Tensor:
     from flash_attn import flash_attn_varlen_func
 
     B, L, nh, hd = q.shape
-    bounds = [0]
-    for b, n in enumerate(lengths):  # [0, n_0, L, L + n_1, 2L, ...]: real segment, then padding segment
-        bounds += [b * L + n, (b + 1) * L]
-    cu = torch.tensor(bounds, dtype=torch.int32, device=q.device)
+    cu = torch.tensor(segment_bounds(lengths, L), dtype=torch.int32, device=q.device)
     out = flash_attn_varlen_func(
         q.reshape(B * L, nh, hd), k.reshape(B * L, nh, hd), v.reshape(B * L, nh, hd), cu, cu, L, L
     )

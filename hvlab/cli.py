@@ -46,6 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--flow-reverse", action=argparse.BooleanOptionalAction, default=None)
     g.add_argument("--neg-prompt", default=None, help="negative prompt (used with --cfg-scale > 1)")
     g.add_argument("--num-videos", type=int, default=1, help="videos per prompt")
+    g.add_argument("--seed-device", default="cpu",
+                   help="where the noise generators live: cpu (default: a seed gives the same video anywhere) or "
+                        "cuda (as the official sampler, whose generators are on the run's device); recorded in "
+                        "settings.json")
     g.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     g.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="DiT dtype (default: bf16 for the release model on a GPU, else fp32)")
     g.add_argument("--fp8", action="store_true", help="FP8 weights for the DiT blocks")
@@ -232,7 +236,7 @@ def cmd_generate(args):
                                      num_inference_steps=args.infer_steps, seed=args.seed,
                                      guidance_scale=args.cfg_scale, embedded_guidance_scale=args.embedded_cfg_scale,
                                      flow_shift=args.flow_shift, flow_reverse=args.flow_reverse,
-                                     num_videos_per_prompt=args.num_videos)
+                                     num_videos_per_prompt=args.num_videos, seed_device=args.seed_device)
     if args.ulysses_degree != 1:
         from .fast.parallel import broadcast_from_rank0, enable_ulysses
 

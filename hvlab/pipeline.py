@@ -28,9 +28,16 @@ from .fast.offload import on_device
 from .prompts import NEGATIVE_PROMPT, validate_prompts
 from .runs import (RELEASE_DEFAULTS, GenerationInfo, GenerationInterrupted, GenerationOutput, GenerationSettings,
                    NonFiniteLatentsError, StepState, load_state, save_state)
-from .scheduler import FlowMatchDiscreteScheduler
+from .scheduler import FlowMatchDiscreteScheduler, cfg_combine, initial_noise
 from .text_encoder import embedded_guidance
 from .video import check_video_size, latent_frames
+
+
+def _seed_device(value) -> str:
+    try:
+        return str(torch.device(value))
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"seed_device must name a torch device (\"cpu\", \"cuda\"), got {value!r}") from e
 
 
 class HunyuanVideoPipeline:
@@ -101,11 +108,11 @@ class HunyuanVideoPipeline:
         return (self.transformer.config.in_channels, latent_frames(video_length),
                 height // cfg.spatial_compression_ratio, width // cfg.spatial_compression_ratio)
 
-    def prepare_latents(self, seeds: list[int], height: int, width: int, video_length: int) -> torch.Tensor:
-        """Gaussian noise, one CPU generator per video so a seed reproduces across devices."""
-        shape = self.latent_shape(height, width, video_length)
-        noise = [torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds]
-        return torch.stack(noise).to(self.device)  # (B, C, T, H, W) float32
+    def prepare_latents(self, seeds: list[int], height: int, width: int, video_length: int,
+                        seed_device: str = "cpu") -> torch.Tensor:
+        """Gaussian noise (B, C, T, H, W) float32, one generator per video (`hvlab.scheduler.initial_noise`):
+        on the CPU by default, so a seed reproduces across devices."""
+        return initial_noise(self.latent_shape(height, width, video_length), seeds, self.device, seed_device)
 
     # ---- stage 3: the loop ----------------------------------------------------------------
     def predict_velocity(self, x, t, text, mask, pooled, guidance_scale, embedded_scale):
@@ -120,7 +127,7 @@ class HunyuanVideoPipeline:
             guidance = g.to(device=self.device, dtype=torch.float32).expand(x_in.shape[0])
         v = self.transformer(x_in.to(self.dtype), tt, text, mask, pooled, guidance=guidance).float()
         if cfg:
-            v_neg, v_pos = v.chunk(2)
+            v_neg, v_pos = cfg_combine(v)
             v = v_neg + guidance_scale * (v_pos - v_neg)
         return v
 
@@ -224,7 +231,8 @@ class HunyuanVideoPipeline:
     # ---- all of it -----------------------------------------------------------------------
     def settings_for(self, prompt, negative_prompt=None, *, height=None, width=None, video_length=None,
                      num_inference_steps=None, seed=None, guidance_scale=None, embedded_guidance_scale=None,
-                     flow_shift=None, flow_reverse=None, num_videos_per_prompt=1) -> GenerationSettings:
+                     flow_shift=None, flow_reverse=None, num_videos_per_prompt=1,
+                     seed_device: str = "cpu") -> GenerationSettings:
         """Validate the arguments and fill in the model's defaults. ``seed`` may be one int (video i
         gets seed + i) or a list with one seed per video."""
         d = self.defaults
@@ -265,12 +273,12 @@ class HunyuanVideoPipeline:
                                      else d.get("embedded_guidance_scale")),
             flow_shift=float(flow_shift if flow_shift is not None else d["flow_shift"]),
             flow_reverse=bool(d["flow_reverse"] if flow_reverse is None else flow_reverse),
-            num_videos_per_prompt=num_videos_per_prompt)
+            num_videos_per_prompt=num_videos_per_prompt, seed_device=_seed_device(seed_device))
 
     def __call__(self, prompt=None, negative_prompt=None, *, height=None, width=None, video_length=None,
                  num_inference_steps=None, seed=None, guidance_scale=None, embedded_guidance_scale=None,
                  flow_shift=None, flow_reverse=None, num_videos_per_prompt=1, callback=None,
-                 progress=False, save_path=None, resume_from=None) -> GenerationOutput:
+                 progress=False, save_path=None, resume_from=None, seed_device: str = "cpu") -> GenerationOutput:
         """Generate; with ``save_path`` the videos and settings.json are written there too.
 
         ``resume_from``: a file written on Ctrl-C or NaN; every setting is taken from it, so only
@@ -296,7 +304,8 @@ class HunyuanVideoPipeline:
         settings = self.settings_for(prompt, negative_prompt, height=height, width=width, video_length=video_length,
                                      num_inference_steps=num_inference_steps, seed=seed, guidance_scale=guidance_scale,
                                      embedded_guidance_scale=embedded_guidance_scale, flow_shift=flow_shift,
-                                     flow_reverse=flow_reverse, num_videos_per_prompt=num_videos_per_prompt)
+                                     flow_reverse=flow_reverse, num_videos_per_prompt=num_videos_per_prompt,
+                                     seed_device=seed_device)
         return self.generate(settings, callback=callback, progress=progress, save_path=save_path)
 
     def generate(self, settings: GenerationSettings, *, callback=None, progress=False, save_path=None,
@@ -317,7 +326,7 @@ class HunyuanVideoPipeline:
         timings["text_encoding_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         if latents is None:
-            latents = self.prepare_latents(s.seeds, s.height, s.width, s.video_length)
+            latents = self.prepare_latents(s.seeds, s.height, s.width, s.video_length, s.seed_device)
         else:
             expected = (len(s.seeds), *self.latent_shape(s.height, s.width, s.video_length))
             if tuple(latents.shape) != expected:

@@ -50,6 +50,18 @@ NEGATIVE_PROMPT = (
 )
 
 
+def template_for(video_length: int) -> dict:
+    """The template the official sampler picks: the image one for a single frame, the video one otherwise.
+
+    (The official pipeline passes ``data_type="image"`` when ``video_length == 1``.) hvlab's text encoder keeps
+    the template it was built with; for text-to-image as the release does it, build the LLM encoder with
+    ``template=template_for(1)`` (crop_start 36).
+    """
+    if isinstance(video_length, bool) or not isinstance(video_length, int) or video_length < 1:
+        raise ValueError(f"video_length must be a positive int (frames), got {video_length!r}")
+    return PROMPT_TEMPLATE["dit-llm-encode" if video_length == 1 else "dit-llm-encode-video"]
+
+
 def _template_text(template: dict | str) -> str:
     text = template["template"] if isinstance(template, dict) else template
     if not isinstance(text, str):

@@ -41,6 +41,7 @@ class GenerationSettings:
     flow_shift: float
     flow_reverse: bool
     num_videos_per_prompt: int = 1
+    seed_device: str = "cpu"  # where the generators live: "cpu" (hvlab, any machine) or "cuda" (as the official)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -48,7 +49,7 @@ class GenerationSettings:
     @classmethod
     def from_dict(cls, d: dict) -> "GenerationSettings":
         names = {f.name for f in fields(cls)}
-        missing = sorted(n for n in names if n not in d and n != "num_videos_per_prompt")
+        missing = sorted(n for n in names if n not in d and n not in ("num_videos_per_prompt", "seed_device"))
         if missing:
             raise ValueError(f"generation settings lack {missing}; expected the keys {sorted(names)}")
         return cls(**{k: v for k, v in d.items() if k in names})

@@ -180,6 +180,51 @@ def predicted_x0(sample: torch.Tensor, v: torch.Tensor, sigma) -> torch.Tensor:
     return sample - s * v
 
 
+def initial_noise(shape: Sequence[int], seeds: Sequence[int], device: torch.device | str = "cpu",
+                  seed_device: torch.device | str = "cpu") -> torch.Tensor:
+    """The starting latents: one standard-normal (C, T, H, W) draw per seed, stacked to (B, C, T, H, W) float32.
+
+    Each video has its own ``torch.Generator(seed_device).manual_seed(seed)``. hvlab's default draws on the CPU,
+    so a seed gives the same video on every machine. The official sampler makes its generators on the run's
+    device (``torch.Generator(self.device)``), whose random streams differ from the CPU's: pass
+    ``seed_device="cuda"`` to draw as it does. (It also draws in the text encoder's dtype, fp16; hvlab draws
+    in float32.) The result is moved to ``device``.
+    """
+    seeds = [int(s) for s in seeds]
+    if not seeds:
+        raise ValueError("initial_noise needs at least one seed")
+    seed_device = torch.device(seed_device)
+    noise = [torch.randn(tuple(shape), generator=torch.Generator(seed_device).manual_seed(s), device=seed_device)
+             for s in seeds]
+    return torch.stack(noise).to(device)
+
+
+def cfg_combine(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split a true-CFG batch into (v_negative, v_positive): the official order is **negative half first**
+    (``torch.cat([negative_prompt_embeds, prompt_embeds])``, then ``noise_pred.chunk(2)``)."""
+    if v.shape[0] % 2:
+        raise ValueError(f"a CFG batch holds a negative and a positive half, got an odd batch of {v.shape[0]}")
+    v_neg, v_pos = v.chunk(2)
+    return v_neg, v_pos
+
+
+def rescale_noise_cfg(v_cfg: torch.Tensor, v_pos: torch.Tensor, guidance_rescale: float = 0.0) -> torch.Tensor:
+    """Guidance rescale (Lin et al. 2023, "Common Diffusion Noise Schedules and Sample Steps are Flawed", §3.4).
+
+    The guided prediction is scaled to the per-sample standard deviation of the positive one, then blended
+    back: ``phi * v_cfg * std(v_pos) / std(v_cfg) + (1 - phi) * v_cfg``, std over every axis but the batch.
+    The official pipeline has this step, but its default is 0.0 and ``sample_video.py`` never sets it, so the
+    release never rescales; hvlab's pipeline does not call it either. 0 returns ``v_cfg`` unchanged.
+    """
+    if not 0.0 <= guidance_rescale <= 1.0:
+        raise ValueError(f"guidance_rescale must lie in [0, 1], got {guidance_rescale}")
+    if guidance_rescale == 0.0:
+        return v_cfg
+    dims = list(range(1, v_cfg.ndim))
+    rescaled = v_cfg * (v_pos.std(dim=dims, keepdim=True) / v_cfg.std(dim=dims, keepdim=True))
+    return guidance_rescale * rescaled + (1 - guidance_rescale) * v_cfg
+
+
 def sample_training_sigmas(n: int, shift: float = 1.0, generator: torch.Generator | None = None,
                            device: torch.device | str | None = None) -> torch.Tensor:
     """n training noise levels: u ~ Uniform(0, 1), then the same shift as sampling. (n,) float32.

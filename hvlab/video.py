@@ -62,6 +62,20 @@ def check_video_size(height: int, width: int, multiple: int = 16) -> tuple[int, 
     return height, width
 
 
+def align_to(value: int, multiple: int = 16) -> int:
+    """``value`` rounded **up** to a multiple of ``multiple``: the official sampler's size rule (``align_to``).
+
+    The official ``predict`` silently generates ``align_to(height, 16) x align_to(width, 16)`` (a 1080-high
+    request becomes 1088); hvlab's `check_video_size` refuses such sizes instead, so that the size in
+    settings.json is the size asked for. Call this first to get the official behaviour.
+    """
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"value must be a positive int, got {value!r}")
+    if isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 1:
+        raise ValueError(f"multiple must be a positive int, got {multiple!r}")
+    return -(-value // multiple) * multiple
+
+
 def latent_shape(height: int, width: int, video_length: int, channels: int = 16, spatial_compression_ratio: int = 8,
                  temporal_compression_ratio: int = 4, multiple: int = 16) -> tuple[int, int, int, int]:
     """(C, T, h, w) of the latent for a video: 720 x 1280 x 129 -> (16, 33, 90, 160)."""

@@ -209,3 +209,20 @@ def test_probability_helpers_reject_bad_selections():
         A.text_video_probs(q, k[:, :3], img_len=30)
     with pytest.raises(ValueError, match=r"\[0, L - img_len = 10\]"):
         A.video_query_probs(q, k, [0], img_len=30, txt_lens=torch.tensor([1, 2, 11]))
+
+
+def test_get_cu_seqlens_matches_the_official_formula():
+    """Independent reference, written from the official loop: for sample i, s = img_len + text_len[i];
+    cu[2i + 1] = i * max_len + s and cu[2i + 2] = (i + 1) * max_len, with max_len = L_txt + img_len."""
+    mask = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1], [1, 0, 0, 0, 0, 0]])
+    cu = A.get_cu_seqlens(mask, IMG)
+    max_len = mask.shape[1] + IMG
+    ref = torch.zeros(2 * mask.shape[0] + 1, dtype=torch.int32)
+    for i, n in enumerate(mask.sum(1).tolist()):
+        ref[2 * i + 1] = i * max_len + IMG + n
+        ref[2 * i + 2] = (i + 1) * max_len
+    assert cu.dtype == torch.int32 and cu.shape == (2 * 3 + 1,)  # the blocks' assert: 2B + 1
+    assert torch.equal(cu, ref)
+    assert cu.tolist() == [0, 13, 16, 32, 32, 43, 48]  # sample 1 has no padding: an empty segment
+    with pytest.raises(ValueError, match="ones then zeros"):
+        A.get_cu_seqlens(torch.tensor([[1, 0, 1]]), IMG)

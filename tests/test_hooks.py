@@ -129,6 +129,11 @@ def test_token_words_merge_subword_tokens_of_the_real_llama3_tokenizer():
         ids = [tok.convert_tokens_to_ids(tokens[j]) for j, o in enumerate(word_of_token) if o == w]
         assert tok.decode(ids).strip() == word
     assert tokens[-1] == "<|eot_id|>" and word_of_token[-1] == -1
+    # the crop lands exactly on the prompt: its first token is the first word's first token, and only the closing
+    # <|eot_id|> lies outside the prompt (a crop_start one too small keeps the template's "\n\n" token in front,
+    # one too large loses "An")
+    assert tokens[0] == "An" and word_of_token[0] == 0
+    assert word_of_token.count(-1) == 1
 
 
 def test_upsample_to_video_follows_the_causal_vae_frame_groups():

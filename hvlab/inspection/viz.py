@@ -176,3 +176,35 @@ def animation_html(video, fps: int = 8, title: str | None = None) -> str:
 
     anim = FuncAnimation(fig, update, frames=len(f), interval=1000 / fps, blit=False)
     return anim.to_jshtml(fps=fps, default_mode="loop")
+
+
+class Table:
+    """Rows of a small table (a list of dicts with the same keys), shown as an HTML table in a notebook.
+
+    ``Table(rows)`` is the cell's last expression; ``str(table)`` is the same table in Markdown.
+    """
+
+    def __init__(self, rows: Sequence[dict], index: str | None = None):
+        rows = [dict(r) for r in rows]
+        if not rows:
+            raise ValueError("Table needs at least one row")
+        self.columns = list(rows[0])
+        odd = [i for i, r in enumerate(rows) if list(r) != self.columns]
+        if odd:
+            raise ValueError(f"every row needs the columns {self.columns}; rows {odd} differ")
+        self.rows = rows
+
+    def _repr_html_(self) -> str:
+        import html
+
+        head = "".join(f"<th>{html.escape(str(c))}</th>" for c in self.columns)
+        body = "".join("<tr>" + "".join(f"<td>{html.escape(str(r[c]))}</td>" for c in self.columns) + "</tr>"
+                       for r in self.rows)
+        return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+    def __str__(self) -> str:
+        lines = ["| " + " | ".join(map(str, self.columns)) + " |", "|" + " --- |" * len(self.columns)]
+        lines += ["| " + " | ".join(str(r[c]).replace("|", "\\|") for c in self.columns) + " |" for r in self.rows]
+        return "\n".join(lines)
+
+    __repr__ = __str__
