@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--record-attention", default=None, metavar="WORDS",
                    help="comma-separated prompt words, or 'auto' (every word but articles): saves attention.png "
                         "(maps of the first video, text token as key, mean over heads)")
+    g.add_argument("--attention-kind", default="cross", choices=("cross", "concept"),
+                   help="maps for --record-attention: cross (video queries on the prompt's text keys) or concept "
+                        "(ConceptAttention-style output-space maps; the words need not be in the prompt)")
     g.add_argument("--attention-block", default="double:-1", help="block for --record-attention, e.g. double:1, single:0")
     g.add_argument("--attention-step", type=int, default=None, help="step for --record-attention (default: the middle)")
     g.add_argument("--preview-every", type=int, default=None, help="x0 preview every K steps (default: ~8 in all; 0: off)")
@@ -163,7 +166,7 @@ def load_model(model: str = "toy", model_base: str | None = None, device: str | 
     return pipe
 
 
-def _attention_words(spec: str, prompt: str) -> list[str]:
+def _attention_words(spec: str, prompt: str, in_prompt: bool = True) -> list[str]:
     from .inspection.words import WORD_PATTERN as _WORD
 
     words = [w.group() for w in _WORD.finditer(prompt)]
@@ -171,7 +174,7 @@ def _attention_words(spec: str, prompt: str) -> list[str]:
         return [w for w in words if w.lower() not in STOPWORDS and w.isalnum()]
     asked = [w.strip() for w in spec.split(",") if w.strip()]
     unknown = [w for w in asked if w not in words]
-    if unknown:
+    if unknown and in_prompt:
         raise SystemExit(f"--record-attention words {unknown} are not in the prompt; its words are {words}")
     return asked
 
@@ -254,12 +257,17 @@ def cmd_generate(args):
     latent_rec = LatentRecorder(pipe, every=max(1, every), keep_latents=True) if every > 0 else None
     att_rec, words = None, None
     if args.record_attention:
-        words = _attention_words(args.record_attention, settings.prompt[0])
+        words = _attention_words(args.record_attention, settings.prompt[0], args.attention_kind == "cross")
         step = args.attention_step if args.attention_step is not None else n // 2
         if not 0 <= step < n:
             raise SystemExit(f"--attention-step must be in [0, {n - 1}] for {n} steps, got {step}")
-        att_rec = AttentionRecorder(pipe, steps=[step], blocks=[_parse_block(args.attention_block)],
-                                    reduce_heads="mean")
+        if args.attention_kind == "concept":
+            from .inspection import ConceptRecorder
+
+            att_rec = ConceptRecorder(pipe, words, steps=[step], blocks=[_parse_block(args.attention_block)])
+        else:
+            att_rec = AttentionRecorder(pipe, steps=[step], blocks=[_parse_block(args.attention_block)],
+                                        reduce_heads="mean")
     hooks = [h for h in (latent_rec, att_rec) if h is not None]
     state = load_state(resume) if resume else None
     info = dict(hvlab_version=__version__, torch_version=torch.__version__, run=run,
@@ -312,13 +320,13 @@ def _extras(out, out_dir: Path, pipe, latent_rec, att_rec, words, args, info: di
     if att_rec is not None:
         from .inspection.viz import attention_overlay
 
-        maps = att_rec.text_maps(sample=0)
+        maps = att_rec.maps(sample=0, softmax=True) if args.attention_kind == "concept" else att_rec.text_maps(sample=0)
         words = [w for w in words if w in maps.labels]
         fig = attention_overlay(out.videos[0], maps, labels=words)
         fig.savefig(out_dir / "attention.png", dpi=100)
         torch_save_maps(maps, out_dir / "attention.pt")
         files += [str(out_dir / "attention.png"), str(out_dir / "attention.pt")]
-        info["attention"] = dict(words=words, steps=maps.steps, blocks=maps.blocks, heads=maps.heads,
+        info["attention"] = dict(kind=args.attention_kind, words=words, steps=maps.steps, blocks=maps.blocks, heads=maps.heads,
                                  direction=maps.direction, aggregation=maps.aggregation)
     return files
 

@@ -42,6 +42,21 @@ def test_generate_writes_the_video_settings_and_pictures_and_the_settings_reprod
     assert torch.equal(torch.load(again_dir / "latents.pt"), torch.load(out_dir / "latents.pt"))
 
 
+def test_concept_maps_from_the_command_line_for_words_that_need_not_be_in_the_prompt(tmp_path):
+    out_dir, out = generate(PROMPT, "--model", "tiny-random", "--seed", "9", "--infer-steps", "3", "--preview-every",
+                            "0", "--record-attention", "red,triangle", "--attention-kind", "concept",
+                            "--attention-block", "single:0", "--save-path", str(tmp_path / "c"))
+    s = json.loads((out_dir / "settings.json").read_text())
+    assert s["attention"]["kind"] == "concept" and s["attention"]["words"] == ["red", "triangle"]
+    assert s["attention"]["direction"] == "concept" and s["attention"]["steps"] == [1]
+    saved = torch.load(out_dir / "attention.pt")
+    assert saved["labels"] == ["red", "triangle"] and saved["maps"].shape[3] == 2
+    torch.testing.assert_close(saved["maps"].sum(3), torch.ones_like(saved["maps"].sum(3)))  # softmax over words
+    with pytest.raises(SystemExit, match="not in the prompt"):  # cross-attention maps need prompt words
+        generate(PROMPT, "--model", "tiny-random", "--infer-steps", "3", "--record-attention", "triangle",
+                 "--save-path", str(tmp_path / "d"))
+
+
 def test_resume_from_an_interrupted_run_gives_the_uninterrupted_video(tmp_path):
     from hvlab.runs import GenerationInterrupted
     from hvlab.toy.model import random_toy_pipeline

@@ -139,7 +139,8 @@ def attention_overlay(video, maps: AttentionMaps, labels: Sequence[str] | None =
                 ax.set_ylabel(f"{lab!r}\nmax {float(h.max()):.3f}", fontsize=8)
     what = {"key": "attention of video tokens on each word (text as key)",
             "query": "attention of each word over the video (text as query)",
-            "video_query": "attention of one video token over the video"}[maps.direction]
+            "video_query": "attention of one video token over the video",
+            "concept": "concept maps: each word's attention output . each video token's (ConceptAttention)"}[maps.direction]
     scale = "each row scaled to its max" if normalize == "per_map" else "one colour scale"
     width = max(40, int(11 * (1.7 * len(frames) + 1.0)))  # characters that fit across the figure
     text = title or f"{what}\n" + textwrap.fill(f"{maps.describe(step, block, head)}; {scale}", width)
