@@ -1,7 +1,8 @@
 """Time one DiT step (one forward: the model is guidance-distilled) at 720p and 544p, 129 frames.
 
 Implementations, each in the same run and on the same card:
-  hvlab-bf16               HYVideoDiffusionTransformer in bf16
+  hvlab-bf16               HYVideoDiffusionTransformer in bf16, with the fast wing (hvlab.fast.accelerate)
+  hvlab-reference          (not run by default) the reference blocks alone: what a student reads, in bf16
   hvlab-fp8                the same with FP8 GEMMs (hvlab.fast.fp8.convert_to_fp8, mode "scaled_mm")
   hvlab-fp8-weight-only    (not run by default) the official FP8 behaviour: fp8 storage, bf16 math
   diffusers                diffusers' HunyuanVideoTransformer3DModel in bf16, its default attention (if importable)
@@ -40,7 +41,7 @@ from hvlab.model import HYVIDEO_T2_CONFIG, TINY_CONFIG, HYVideoConfig, HYVideoDi
 SIZES = {"720p": (33, 90, 160), "544p": (33, 68, 120)}  # 720x1280, 544x960
 QUICK_SIZE = {"quick": (3, 8, 8)}
 IMPLS = ("hvlab-bf16", "hvlab-fp8", "diffusers")
-ALL_IMPLS = IMPLS + ("hvlab-fp8-weight-only",)
+ALL_IMPLS = IMPLS + ("hvlab-fp8-weight-only", "hvlab-reference")
 TEXT_LEN, TEXT_REAL = 256, 24  # padded text length (the LLM's max) and real tokens in it
 
 
@@ -172,7 +173,7 @@ def run_one(impl: str, size: str, grid, config: HYVideoConfig, device, steps: in
         if impl == "diffusers":
             model = build_diffusers(config, device, seed)
         else:
-            model = build_hvlab(config, device, seed)
+            model = build_hvlab(config, device, seed, fast=impl != "hvlab-reference")
             if impl.startswith("hvlab-fp8"):
                 from hvlab.fast.fp8 import convert_to_fp8, fp8_param_share, set_fp8_mode
 
