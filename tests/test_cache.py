@@ -323,3 +323,50 @@ def test_cli_bad_cache_arguments_exit_with_a_message(argv, message, capsys, tmp_
     with pytest.raises(SystemExit, match="--record-attention needs every step"):
         cli.main(["generate", "a red circle", "--model", "tiny-random", "--cache", "teacache", "--record-attention",
                   "auto", "--save-path", str(tmp_path)])
+
+
+# ---- the toy evaluation's bookkeeping (on the tiny random model: fast; the toy run is in docs/benchmarks.md) --
+def test_cache_eval_counts_forwards_and_scores_against_the_uncached_videos(tmp_path):
+    from hvlab.toy.cache_eval import evaluate_cache, parse_configs, psnr
+
+    pipe = random_pipeline("tiny")
+    pipe.defaults.update(guidance_scale=3.0, num_inference_steps=4)  # true CFG: two rows per video
+    configs = parse_configs(["fbcache:0", "teacache:1e9"])
+    res = evaluate_cache(pipe, configs, n=1, batch=1, out=str(tmp_path / "r.json"), log=lambda *a: None)
+    off, zero, high = res["runs"]
+    assert off["forwards_per_video"] == zero["forwards_per_video"] == 8 and off["n"] == 2
+    assert zero["psnr_mean"] == math.inf and zero["attribute_acc_change_points"] == 0  # threshold 0: the same videos
+    assert high["forwards_per_video"] == 4 and high["forward_ratio"] == 2.0  # first and last step of both rows
+    assert high["psnr_mean"] < 60
+    assert json.loads((tmp_path / "r.json").read_text()) == json.loads(json.dumps(res, default=str))
+    v = torch.rand(3, 2, 4, 4)
+    assert psnr(v, v) == math.inf and psnr((v + 0.1).clamp(0, 1), v) == pytest.approx(
+        10 * math.log10(1 / float((((v + 0.1).clamp(0, 1) - v) ** 2).mean())))
+    with pytest.raises(ValueError, match=r"a configuration is MODE:THRESHOLD.*got 'teacache'"):
+        parse_configs(["teacache"])
+    with pytest.raises(ValueError, match="cache mode must be .* got 'tea'"):
+        parse_configs(["tea:0.1"])
+
+
+def test_bench_cache_quick_writes_every_measurement(tmp_path):
+    import importlib.util
+    import os
+
+    from hvlab import attention
+
+    spec = importlib.util.spec_from_file_location("bench_cache", os.path.join(
+        os.path.dirname(__file__), "..", "benchmarks", "bench_cache.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    backend = attention.get_attention_backend()
+    try:  # main() picks hvlab's attention backend, a global: put it back for the tests that follow
+        report = bench.main(["--quick", "--device", "cpu", "--repeats", "1", "--out", str(tmp_path)])
+    finally:
+        attention.set_attention_backend(backend)
+    saved = json.loads((tmp_path / "bench_cache.json").read_text())
+    assert saved == json.loads(json.dumps(report)) and set(saved["modes"]) == {"fbcache", "teacache"}
+    for m in saved["modes"].values():  # the projection is the formula it claims, for every K
+        assert all(m[k] > 0 for k in ("computed_s", "skipped_s", "check_s"))
+        for k, v in m["projection_s"].items():
+            assert v == pytest.approx(int(k) * m["computed_s"] + (50 - int(k)) * m["skipped_s"])
+        assert m["overhead_s"] == pytest.approx(m["computed_s"] - saved["uncached_s"])
