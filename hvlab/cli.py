@@ -53,6 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     g.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="DiT dtype (default: bf16 for the release model on a GPU, else fp32)")
     g.add_argument("--fp8", action="store_true", help="FP8 weights for the DiT blocks")
+    g.add_argument("--cache", default=None, choices=("off", "fbcache", "teacache"),
+                   help="skip the DiT's blocks on steps whose input barely changed (hvlab.fast.cache; default off)")
+    g.add_argument("--cache-threshold", type=float, default=None,
+                   help="skip while the cache's signal stays below this (0: never skip; default: the published "
+                        "HunyuanVideo value, fbcache 0.06, teacache 0.1)")
     g.add_argument("--vae-tiling", action=argparse.BooleanOptionalAction, default=None,
                    help="decode in overlapping tiles (default: on for the release model, whose 720p decode needs it)")
     g.add_argument("--vae-tile-size", type=int, nargs=2, metavar=("PX", "FRAMES"), default=None,
@@ -120,7 +125,8 @@ def _weights_note(model: str, model_base: str | None) -> str:
 def load_model(model: str = "toy", model_base: str | None = None, device: str | None = None, dtype: str | None = None,
                fp8: bool = False, vae_tiling: bool | None = None, cpu_offload: bool = False,
                vae_tile_size: tuple[int, int] | None = None, plan_size: tuple[int, int, int] | None = None,
-               memory_limit_gib: float | None = None, check_memory: bool = True):
+               memory_limit_gib: float | None = None, check_memory: bool = True, cache: str | None = None,
+               cache_threshold: float | None = None):
     """The pipeline the command line asks for (the run options are applied here).
 
     For the release model, ``plan_size`` = (video_length, height, width) is checked against the card's memory
@@ -132,11 +138,14 @@ def load_model(model: str = "toy", model_base: str | None = None, device: str | 
     dt = getattr(torch, DTYPES[dtype]) if dtype else (torch.bfloat16 if device.startswith("cuda") and model_base
                                                       else torch.float32)
     if model_base:
+        from .fast.cache import enable_step_cache
         from .loading import load_pipeline
 
-        return load_pipeline(model_base, device=device, dtype=dt, fp8=fp8, cpu_offload=cpu_offload,
+        pipe = load_pipeline(model_base, device=device, dtype=dt, fp8=fp8, cpu_offload=cpu_offload,
                              vae_tiling=vae_tiling, vae_tile_size=vae_tile_size, plan_size=plan_size,
                              memory_limit_gib=memory_limit_gib, check_memory=check_memory)
+        enable_step_cache(pipe, cache, cache_threshold)
+        return pipe
     if model in ("toy-random", "tiny-random"):
         from .toy.model import random_toy_pipeline
 
@@ -163,6 +172,9 @@ def load_model(model: str = "toy", model_base: str | None = None, device: str | 
         from .fast import accelerate
 
         accelerate(pipe.transformer)  # the fast wing's blocks and kernels; the CPU runs the reference blocks
+    from .fast.cache import enable_step_cache
+
+    enable_step_cache(pipe, cache, cache_threshold)  # a pipeline hook; None when cache is None / "off"
     return pipe
 
 
@@ -196,7 +208,8 @@ def cmd_generate(args):
 
     run = dict(model=args.model, model_base=args.model_base, device=args.device, dtype=args.dtype, fp8=args.fp8,
                vae_tiling=args.vae_tiling, cpu_offload=args.cpu_offload,
-               vae_tile_size=tuple(args.vae_tile_size) if args.vae_tile_size else None)
+               vae_tile_size=tuple(args.vae_tile_size) if args.vae_tile_size else None,
+               cache=args.cache, cache_threshold=args.cache_threshold)
     settings, resume = None, None
     if args.from_settings or args.resume:
         saved = (json.loads(Path(args.from_settings).read_text()) if args.from_settings
@@ -211,6 +224,13 @@ def cmd_generate(args):
     elif not args.prompt:
         raise SystemExit("hvlab generate needs a PROMPT (or --from-settings / --resume)")
     run["model"] = run["model"] or "toy"
+    from .fast.cache import check_cache_args
+
+    if run["cache"] == "off" and args.cache_threshold is None:
+        run["cache_threshold"] = None  # a threshold restored from --from-settings belongs to the recorded cache
+    run["cache"], run["cache_threshold"] = check_cache_args(run["cache"], run["cache_threshold"])
+    if args.record_attention and run["cache"]:
+        raise SystemExit("--record-attention needs every step of every row, which --cache skips: drop one of them")
     run["device"] = run["device"] or _default_device()
     threads = args.threads or (1 if run["device"] == "cpu" and not run["model_base"] else None)
     if threads:

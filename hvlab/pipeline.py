@@ -339,6 +339,8 @@ class HunyuanVideoPipeline:
                                settings=s.to_dict(), prompts=s.prompt)
         timings["denoising_s"] = time.perf_counter() - t0
         timings["steps_run"] = s.num_inference_steps - start_step
+        for h in self.hooks:  # a hook that changes the computation (hvlab.fast.cache.StepCache) says what it did
+            timings.update(getattr(h, "report", dict)())
         t0 = time.perf_counter()
         videos = self.decode(latents, progress=progress)
         timings["decode_s"] = time.perf_counter() - t0

@@ -11,6 +11,7 @@ that keeps the same parameters and state-dict keys, and each has a parity test a
 ``memory``             the GPU memory plan and the check that runs before any weight is read
 ``offload``            ``on_device`` for whole models, ``BlockOffloader`` for the DiT's blocks
 ``parallel``           Ulysses sequence parallelism (``UlyssesDiT``)
+``cache``              ``StepCache``: First-Block Cache and TeaCache skip the blocks on quiet steps
 =====================  ==================================================================================
 
 One call turns the first three on, and one turns them off again::
