@@ -270,7 +270,7 @@ def test_recorders_wrap_the_fast_attention_and_are_refused_underneath():
 def test_without_roundings_every_recipe_is_exact_attention(monkeypatch, name, txt_lens):
     """K and V smoothing are exact in real arithmetic and the segments are hvlab's: with the quantisers
     switched off the emulation equals exact attention (fp32 noise only)."""
-    monkeypatch.setattr(F8, "quantize", lambda x, fmt, group, block=64: x.float())
+    monkeypatch.setattr(F8, "quantize", lambda x, fmt, group, tiles: (x.float(), None))
     monkeypatch.setattr(F8, "quantize_p", lambda p: p)
     monkeypatch.setattr(F8, "_bf16", lambda x: x.float())
     B = 1 if txt_lens is None else len(txt_lens)
@@ -281,27 +281,43 @@ def test_without_roundings_every_recipe_is_exact_attention(monkeypatch, name, tx
                                atol=2e-5, rtol=1e-5)
 
 
+def test_tiles_start_at_every_segment_and_never_cross_one():
+    t = F8.segment_tiles([5, 3], 8, block=4)  # segments [0, 5) [5, 8) [8, 11) [11, 16)
+    assert t.start.tolist() == [0, 4, 5, 8, 11, 15] and t.end.tolist() == [5, 5, 8, 11, 16, 16]
+    assert t.first.tolist() == [0, 0, 2, 3, 4, 4] and t.longest == 5
+    assert t.segment.tolist() == [0] * 5 + [1] * 3 + [2] * 3 + [3] * 5
+    assert t.tile.tolist() == [0] * 4 + [1] + [2] * 3 + [3] * 3 + [4] * 4 + [5]
+
+
 @pytest.mark.parametrize("fmt,group", [("fp8", "head"), ("fp8", "block"), ("int8", "block"), ("int8", "token"),
-                                       ("fp8", "channel"), ("fp8", "block-channel")])
+                                       ("fp8", "channel"), ("fp8", "block-channel"), ("int8", "head")])
 def test_quantisers_keep_their_bound_and_their_groups(fmt, group):
     g = torch.Generator().manual_seed(2)
-    x = torch.randn(2, 150, 3, 32, generator=g) * torch.rand(1, 150, 1, 1, generator=g) * 4
-    xq = quantize(x, fmt, group, block=64)
-    amax = F8._amax(x, group, 64)
+    lengths, L = [150, 90], 150  # sample 0: one segment of 150; sample 1: 90 real, 60 padding
+    x = torch.randn(2 * L, 3, 32, generator=g) * torch.rand(2 * L, 1, 1, generator=g) * 4
+    tiles = F8.segment_tiles(lengths, L, 64)
+    payload, scale = quantize(x, fmt, group, tiles)
+    assert payload.dtype == (torch.int8 if fmt == "int8" else torch.float8_e4m3fn)
+    xq = payload.float() * scale
+    amax = F8.group_amax(x, group, tiles)
     if fmt == "int8":  # uniform steps: half a step of amax / 127 at most
         assert ((xq - x).abs() <= amax / 127 / 2 * (1 + 1e-6)).all()
     else:  # e4m3: half an ulp (2^-4 of the value) for normal numbers, half the smallest step below
         tiny = amax / 448 * 2.0 ** -6
         assert ((xq - x).abs() <= torch.maximum(x.abs() * 2.0 ** -4, tiny * 2.0 ** -3) * (1 + 1e-6)).all()
-    # a group's scale depends on its own members only: scale token 100 up, tokens outside its group stay put
+    assert (amax.amax(dim=-1) <= x.abs().amax(dim=-1).amax(dim=0) + 0).all()
+    # a group's scale depends on its own members only: scale token 200 up (sample 1's real segment
+    # [150, 240), its tile [150, 214))
     y = x.clone()
-    y[:, 100] *= 50
-    yq = quantize(y, fmt, group, block=64)
-    same = {"head": [], "channel": [], "token": list(range(100)) + list(range(101, 150)),
-            "block": list(range(64)), "block-channel": list(range(64))}[group]
-    assert torch.equal(yq[:, same], xq[:, same])
-    if group in ("block", "block-channel"):  # tokens 64..127 share token 100's block (blocks from token 0)
-        assert not torch.equal(yq[:, 64:100], xq[:, 64:100])
+    y[200] *= 50
+    yq = quantize(y, fmt, group, tiles)[0].float() * quantize(y, fmt, group, tiles)[1]
+    untouched = {"head": list(range(150)) + list(range(240, 300)), "channel": list(range(150)) + list(range(240, 300)),
+                 "token": [i for i in range(300) if i != 200], "block": list(range(150)) + list(range(214, 300)),
+                 "block-channel": list(range(150)) + list(range(214, 300))}[group]
+    assert torch.equal(yq[untouched], xq[untouched])  # other samples, the padding segment, other tiles
+    if group != "token":  # and the members of its own group do change scale
+        mates = [i for i in range(150, 240) if i != 200 and i not in untouched]
+        assert not torch.equal(yq[mates], xq[mates])
 
 
 @pytest.mark.parametrize("name", ["fp8-head", "fp8-block+KV", "int8qk-block+KV"])

@@ -91,39 +91,68 @@ DEFAULT_RECIPE = RECIPES["int8qk-block+KV"]
 GROUPS = ("head", "token", "channel", "block", "block-channel")
 
 
-def _amax(x: torch.Tensor, group: str, block: int) -> torch.Tensor:
-    """max |x| over each scale group of x (b, n, nh, hd), broadcastable back to x's shape.
+@dataclass
+class Tiles:
+    """The segments of a (B*L)-token batch cut into tiles of ``block`` tokens from each segment's start, as a
+    varlen kernel walks them (a tile never crosses a segment). Per token: its ``segment`` and ``tile``;
+    per tile: ``start``, its segment's ``end`` and the segment's ``first`` tile (int64 tensors)."""
 
-    "head": all tokens and channels of a head; "token": one token's channels; "channel": one channel over
-    the tokens; "block": ``block`` tokens' channels (blocks counted from the segment's start, the last one
-    shorter); "block-channel": one channel over ``block`` tokens.
+    segment: torch.Tensor  # (T,)
+    tile: torch.Tensor  # (T,)
+    start: torch.Tensor  # (n_tiles,)
+    end: torch.Tensor  # (n_tiles,)
+    first: torch.Tensor  # (n_tiles,)
+    longest: int  # tokens of the longest segment
+
+
+def segment_tiles(lengths: list[int], L: int, block: int, device=None) -> Tiles:
+    from .attention import cu_seqlens  # the one definition of the segment bounds
+
+    bounds, longest = cu_seqlens(lengths, L)
+    start, end, first = [], [], []
+    for a, e in zip(bounds, bounds[1:]):
+        f = len(start)
+        for t in range(a, e, block):
+            start.append(t), end.append(e), first.append(f)
+    as_t = lambda x: torch.tensor(x, dtype=torch.long, device=device)  # noqa: E731
+    start_t, end_t = as_t(start), as_t(end)
+    sizes = torch.minimum(start_t + block, end_t) - start_t
+    seg_sizes = as_t([e - a for a, e in zip(bounds, bounds[1:])])
+    return Tiles(segment=torch.repeat_interleave(torch.arange(len(seg_sizes), device=device), seg_sizes),
+                 tile=torch.repeat_interleave(torch.arange(len(start), device=device), sizes),
+                 start=start_t, end=end_t, first=as_t(first), longest=longest)
+
+
+def group_amax(x: torch.Tensor, group: str, tiles: Tiles) -> torch.Tensor:
+    """max |x| over each scale group, per token: x (T, nh, hd) -> (T, nh, 1) or (T, nh, hd).
+
+    "head": a head's tokens and channels in one segment (FA3's descale); "token": one token's channels;
+    "channel": one channel over a segment's tokens; "block": a tile's tokens and channels; "block-channel":
+    one channel over a tile's tokens.
     """
-    b, n, nh, hd = x.shape
-    a = x.abs()
-    if group == "head":
-        return a.amax(dim=(1, 3), keepdim=True)  # (b, 1, nh, 1)
-    if group == "token":
-        return a.amax(dim=3, keepdim=True)  # (b, n, nh, 1)
-    if group == "channel":
-        return a.amax(dim=1, keepdim=True)  # (b, 1, nh, hd)
-    if group not in ("block", "block-channel"):
+    if group not in GROUPS:
         raise ValueError(f"scale group must be one of {GROUPS}, got {group!r}")
-    nb = -(-n // block)
-    blocks = torch.nn.functional.pad(a, (0, 0, 0, 0, 0, nb * block - n)).view(b, nb, block, nh, hd)
-    m = blocks.amax(dim=(2, 4) if group == "block" else 2, keepdim=True)  # (b, nb, 1, nh, 1 or hd)
-    return m.expand(b, nb, block, nh, hd).reshape(b, nb * block, nh, hd)[:, :n]
+    a = x.abs()
+    if group == "token":
+        return a.amax(dim=-1, keepdim=True)
+    idx = tiles.segment if group in ("head", "channel") else tiles.tile
+    per = a.amax(dim=-1, keepdim=True) if group in ("head", "block") else a  # (T, nh, 1 or hd)
+    n_groups = int(tiles.start.numel() if idx is tiles.tile else int(tiles.segment[-1]) + 1)
+    m = torch.zeros(n_groups, *per.shape[1:], dtype=per.dtype, device=per.device)
+    m.scatter_reduce_(0, idx.view(-1, 1, 1).expand_as(per), per, "amax")  # |x| >= 0: the zeros never win
+    return m[idx]
 
 
-def quantize(x: torch.Tensor, fmt: str, group: str, block: int = 64) -> torch.Tensor:
-    """What a kernel computes with: x (b, n, nh, hd) rounded to e4m3 (``fmt="fp8"``) or int8 with one scale
-    ``amax / 448`` (or ``/ 127``) per group (see `_amax`), returned dequantised in fp32."""
+def quantize(x: torch.Tensor, fmt: str, group: str, tiles: Tiles) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (T, nh, hd) -> (payload, scale) with x ~= payload.float() * scale: int8 (``fmt="int8"``, round to
+    nearest, scale amax / 127) or e4m3 (``"fp8"``, scale amax / 448), one scale per `group_amax` group."""
     if fmt not in QK_FORMATS:
         raise ValueError(f"fmt must be one of {QK_FORMATS}, got {fmt!r}")
     x = x.float()
-    scale = _amax(x, group, block).clamp(min=1e-30) / (INT8_MAX if fmt == "int8" else E4M3_MAX)
+    scale = group_amax(x, group, tiles).clamp(min=1e-30) / (INT8_MAX if fmt == "int8" else E4M3_MAX)
     if fmt == "int8":
-        return torch.round(x / scale).clamp(-INT8_MAX, INT8_MAX) * scale
-    return (x / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3).float() * scale
+        return torch.round(x / scale).clamp(-INT8_MAX, INT8_MAX).to(torch.int8), scale
+    return (x / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3), scale
 
 
 def quantize_p(p: torch.Tensor) -> torch.Tensor:
@@ -131,11 +160,11 @@ def quantize_p(p: torch.Tensor) -> torch.Tensor:
     return (p * E4M3_MAX).to(E4M3).float() / E4M3_MAX
 
 
-def _bf16(p: torch.Tensor) -> torch.Tensor:
-    return p.bfloat16().float()
+def _bf16(x: torch.Tensor) -> torch.Tensor:
+    return x.bfloat16().float()
 
 
-# --------------------------------------------------------------------------------------- the emulation
+# ------------------------------------------------------------------------------------ what a kernel gets
 def real_mean(x: torch.Tensor, lengths: list[int]) -> torch.Tensor:
     """(B, L, nh, hd) -> (B, 1, nh, hd): the mean over each sample's n_b real tokens (zeros if n_b = 0)."""
     L = x.shape[1]
@@ -144,19 +173,51 @@ def real_mean(x: torch.Tensor, lengths: list[int]) -> torch.Tensor:
     return (x * w).sum(1, keepdim=True) / w.sum(1, keepdim=True).clamp(min=1)
 
 
-def _segment_kernel(recipe: FP8AttentionRecipe, max_elements: int):
-    """The attention of one segment slice (b, n, nh, hd), fp32 in and out, as the recipe quantises it."""
-    qk_group = recipe.qk_scales
-    v_group = {"head": "head", "channel": "channel", "block": "block-channel"}[recipe.v_scales]
+@dataclass
+class Quantized:
+    """Smoothed and quantised q, k, v of a (B, L, nh, hd) batch, flattened to T = B*L tokens: the payloads
+    (int8 / e4m3 / bf16), their per-token scales (T, nh, 1) or (T, nh, hd) (``v_scale`` None for bf16 PV),
+    V's mean ``m_v`` (B, 1, nh, hd) to add back (None without V smoothing), and the scale tiles."""
+
+    q: torch.Tensor
+    q_scale: torch.Tensor
+    k: torch.Tensor
+    k_scale: torch.Tensor
+    v: torch.Tensor
+    v_scale: torch.Tensor | None
+    m_v: torch.Tensor | None
+    tiles: Tiles
+
+
+def quantize_qkv(q, k, v, lengths: list[int], recipe: FP8AttentionRecipe) -> Quantized:
+    """Steps 1-4 of the module docstring, in fp32: smoothing, then the recipe's quantisers."""
+    B, L, nh, hd = q.shape
+    tiles = segment_tiles(lengths, L, recipe.block, q.device)
+    q32, k32, v32 = q.float(), k.float(), v.float()
+    if recipe.smooth_k:
+        k32 = k32 - real_mean(k32, lengths)  # one vector per sample and head: every segment's scores shift
+    m_v = real_mean(v32, lengths) if recipe.smooth_v else None
+    if m_v is not None:
+        v32 = v32 - m_v
+    flat = lambda x: x.reshape(B * L, nh, hd)  # noqa: E731
+    q8, s_q = quantize(flat(q32), recipe.qk, recipe.qk_scales, tiles)
+    k8, s_k = quantize(flat(k32), recipe.qk, recipe.qk_scales, tiles)
+    if recipe.pv == "fp8":
+        v_group = {"head": "head", "channel": "channel", "block": "block-channel"}[recipe.v_scales]
+        v8, s_v = quantize(flat(v32), "fp8", v_group, tiles)
+    else:
+        v8, s_v = _bf16(flat(v32)), None  # fp32 values on the bf16 grid (a kernel casts them exactly)
+    return Quantized(q8, s_q, k8, s_k, v8, s_v, m_v, tiles)
+
+
+# --------------------------------------------------------------------------------------- the emulation
+def _emulated_kernel(pv: str, max_elements: int):
+    """Attention of one segment slice (b, n, nh, hd) of dequantised fp32 q, k, v: exact scores, P rounded
+    as the PV product takes it (e4m3 or bf16), row sums from the unrounded P."""
 
     def kernel(q, k, v):
-        qh = quantize(q, recipe.qk, qk_group, recipe.block).transpose(1, 2)  # (b, nh, n, hd)
-        kh = quantize(k, recipe.qk, qk_group, recipe.block).transpose(1, 2)
-        if recipe.pv == "fp8":
-            vh, round_p = quantize(v, "fp8", v_group, recipe.block).transpose(1, 2), quantize_p
-        else:
-            vh, round_p = _bf16(v).transpose(1, 2), _bf16
-
+        round_p = quantize_p if pv == "fp8" else _bf16
+        qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))  # (b, nh, n, hd)
         n = q.shape[1]
         out = torch.empty_like(qh)
         rows = max(1, max_elements // max(1, n * q.shape[0] * q.shape[2]))  # query rows per chunk
@@ -167,6 +228,10 @@ def _segment_kernel(recipe: FP8AttentionRecipe, max_elements: int):
         return out.transpose(1, 2)  # (b, n, nh, hd)
 
     return kernel
+
+
+def _dequantized(x: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    return x.float() if scale is None else x.float() * scale
 
 
 def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, img_len: int,
@@ -182,15 +247,11 @@ def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, img_len:
         raise TypeError(f"recipe must be an FP8AttentionRecipe, got {type(recipe).__name__}")
     B, L = q.shape[:2]
     lengths = valid_lengths(B, L, img_len, txt_lens)
-    q32, k32, v32 = q.float(), k.float(), v.float()
-    if recipe.smooth_k:
-        k32 = k32 - real_mean(k32, lengths)  # one vector per sample and head: every segment's scores shift
-    m_v = real_mean(v32, lengths) if recipe.smooth_v else None
-    if m_v is not None:
-        v32 = v32 - m_v
-    out = _segments_sdpa(q32, k32, v32, lengths, kernel=_segment_kernel(recipe, max_elements))
-    if m_v is not None:
-        out = out + m_v  # every segment's weights sum to 1, so the mean comes back exactly
+    z = quantize_qkv(q, k, v, lengths, recipe)
+    qh, kh, vh = (_dequantized(x, s).view(q.shape) for x, s in ((z.q, z.q_scale), (z.k, z.k_scale), (z.v, z.v_scale)))
+    out = _segments_sdpa(qh, kh, vh, lengths, kernel=_emulated_kernel(recipe.pv, max_elements))
+    if z.m_v is not None:
+        out = out + z.m_v  # every segment's weights sum to 1, so the mean comes back exactly
     return out.to(q.dtype)
 
 
