@@ -13,7 +13,8 @@ same function (``"fp8"`` approximately) on faster kernels and plugs into a block
 "fa3"      FlashAttention-3, or a ValueError naming what is missing (package, GPU, dtype)
 "sdpa"     ``hvlab.attention.attention``, always
 "fp8"      ``hvlab.fast.fp8_attention``: smoothed, block-scaled low-precision attention (an approximation,
-           with its measured error in docs/benchmarks.md)
+           with its measured error in docs/benchmarks.md): its Triton kernel on CUDA, its fp32 emulation on
+           the CPU (and, with a one-line notice, on a GPU the kernel cannot serve)
 =========  ===========================================================================================
 
 The choice is made per call from the tensors (the model may move to a GPU after ``accelerate``).
@@ -47,6 +48,10 @@ FA3_INSTALL = "pip install 'hvlab[fa3]' (the fa3-fwd wheel, sm90) or flash-attn'
 
 class FA3FallbackWarning(UserWarning):
     """FlashAttention-3 would run here (bf16 on an sm90 GPU) but is not installed: cuDNN SDPA runs instead."""
+
+
+class FP8AttentionFallbackWarning(UserWarning):
+    """FP8 attention on a GPU where its Triton kernel cannot run: the (slow) fp32 emulation runs instead."""
 
 
 # --------------------------------------------------------------------------------------- finding FA3
@@ -167,8 +172,14 @@ class FastAttention:
         if kernel == "fa3":
             return fa3_attention(q, k, v, img_len=img_len, txt_lens=txt_lens)
         if kernel == "fp8":
-            from .fp8_attention import fp8_attention
+            from .fp8_attention import fp8_attention, fp8_attention_triton, triton_serves
 
+            ok, reason = triton_serves(q, self.recipe)
+            if ok:
+                return fp8_attention_triton(q, k, v, img_len=img_len, txt_lens=txt_lens, recipe=self.recipe)
+            if q.is_cuda:  # the emulation is exact to the recipe but builds fp32 score tiles: slow on a GPU
+                warnings.warn(f"hvlab.fast.attention: FP8 attention runs its fp32 emulation ({reason})",
+                              FP8AttentionFallbackWarning, stacklevel=2)
             return fp8_attention(q, k, v, img_len=img_len, txt_lens=txt_lens, recipe=self.recipe)
         return _attention.attention(q, k, v, img_len=img_len, txt_lens=txt_lens)  # looked up per call
 
@@ -232,5 +243,5 @@ def installed(block) -> FastAttention | None:
     return inner if isinstance(inner, FastAttention) else None
 
 
-__all__ = ["FastAttention", "FA3FallbackWarning", "fa3_attention", "fa3_serves", "fa3_varlen_func", "cu_seqlens",
-           "install", "uninstall", "installed", "KINDS"]
+__all__ = ["FastAttention", "FA3FallbackWarning", "FP8AttentionFallbackWarning", "fa3_attention", "fa3_serves",
+           "fa3_varlen_func", "cu_seqlens", "install", "uninstall", "installed", "KINDS"]

@@ -21,16 +21,19 @@ P = exp(s - rowmax) <= 1 is always stored as e4m3 with the static scale 1/448 fo
 row sums come from the unrounded P, and the accumulation is fp32.
 
 **The emulation** (``fp8_attention`` on any device): the quantisers are torch's own casts
-(``float8_e4m3fn``, int8 rounding), the maths fp32, the segments those of ``hvlab.attention``. It
-normalises P with the row's final maximum, where a flash kernel uses the running maximum of the key
-blocks seen so far; that flushes at least as many tiny weights to zero, so the emulation's error is an
-upper bound of the kernel's on that account.
+(``float8_e4m3fn``, int8 rounding), the maths fp32, the segments those of ``hvlab.attention``, and P is
+rounded as a flash kernel with key tiles of ``block`` tokens rounds it: against the running maximum of
+the tiles seen so far, carried to the final maximum in fp32. So a kernel that quantises the same way
+gives the same numbers up to fp32 summation order (``tests/test_fast_attention.py`` checks the Triton
+kernel below against it).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from ..attention import _check, _segments_sdpa, attention_scores, valid_lengths
 
@@ -211,20 +214,28 @@ def quantize_qkv(q, k, v, lengths: list[int], recipe: FP8AttentionRecipe) -> Qua
 
 
 # --------------------------------------------------------------------------------------- the emulation
-def _emulated_kernel(pv: str, max_elements: int):
-    """Attention of one segment slice (b, n, nh, hd) of dequantised fp32 q, k, v: exact scores, P rounded
-    as the PV product takes it (e4m3 or bf16), row sums from the unrounded P."""
+def _emulated_kernel(pv: str, block: int, max_elements: int):
+    """Attention of one segment slice (b, n, nh, hd) of dequantised fp32 q, k, v, as a flash kernel with key
+    tiles of ``block`` tokens computes it: exact scores; each tile's P = exp(s - m) taken against the running
+    maximum m of the tiles seen so far and rounded as the PV product takes it (e4m3 or bf16), then carried to
+    the final maximum by exp(m - m_final) in fp32; row sums from the unrounded P."""
 
     def kernel(q, k, v):
         round_p = quantize_p if pv == "fp8" else _bf16
         qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))  # (b, nh, n, hd)
         n = q.shape[1]
+        nt = -(-n // block)
         out = torch.empty_like(qh)
-        rows = max(1, max_elements // max(1, n * q.shape[0] * q.shape[2]))  # query rows per chunk
+        rows = max(1, max_elements // max(1, nt * block * q.shape[0] * q.shape[2]))  # query rows per chunk
         for r0 in range(0, n, rows):
             s = attention_scores(qh[:, :, r0:r0 + rows], kh)  # (b, nh, c, n) fp32
-            p = (s - s.amax(dim=-1, keepdim=True)).exp()
-            out[:, :, r0:r0 + rows] = (round_p(p) @ vh) / p.sum(dim=-1, keepdim=True)
+            s = F.pad(s, (0, nt * block - n), value=-math.inf).unflatten(-1, (nt, block))  # (b, nh, c, nt, block)
+            m_run = s.amax(dim=-1).cummax(dim=-1).values  # (b, nh, c, nt): the kernel's maximum after tile j
+            p = (s - m_run[..., None]).exp()
+            carry = (m_run - m_run[..., -1:]).exp()[..., None]  # exp(m_j - m_final)
+            l = (p * carry).sum(dim=(-1, -2))[..., None]  # (b, nh, c, 1)
+            p_eff = (round_p(p) * carry).flatten(-2)[..., :n]
+            out[:, :, r0:r0 + rows] = (p_eff @ vh) / l
         return out.transpose(1, 2)  # (b, n, nh, hd)
 
     return kernel
@@ -249,9 +260,129 @@ def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, img_len:
     lengths = valid_lengths(B, L, img_len, txt_lens)
     z = quantize_qkv(q, k, v, lengths, recipe)
     qh, kh, vh = (_dequantized(x, s).view(q.shape) for x, s in ((z.q, z.q_scale), (z.k, z.k_scale), (z.v, z.v_scale)))
-    out = _segments_sdpa(qh, kh, vh, lengths, kernel=_emulated_kernel(recipe.pv, max_elements))
+    out = _segments_sdpa(qh, kh, vh, lengths, kernel=_emulated_kernel(recipe.pv, recipe.block, max_elements))
     if z.m_v is not None:
         out = out + z.m_v  # every segment's weights sum to 1, so the mean comes back exactly
+    return out.to(q.dtype)
+
+
+# ------------------------------------------------------------------------------------ the Triton kernel
+# One program per (query tile, head): the tile's queries against every key tile of their segment, online
+# softmax in exp2, QK^T on int8 / e4m3 operands with the per-token scales applied to the score tile, P
+# rounded to e4m3 (static scale 448) or bf16 for the PV product, V's per-tile channel scales applied to
+# each tile's PV result. The quantisation itself is `quantize_qkv` (torch, a few passes over q, k, v).
+# Status: its logic is tested on the CPU under TRITON_INTERPRET=1; its speed is not measured yet (no GPU).
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU builds of torch come without triton: the emulation runs
+    triton = None
+
+if triton is not None:
+
+    @triton.jit
+    def _round_to_grid(x, MANTISSA: tl.constexpr, MIN_EXP: tl.constexpr):
+        """x >= 0 rounded, ties to even, to a float format with MANTISSA stored bits and smallest normal
+        exponent MIN_EXP (e4m3: 3, -6; bf16: 7, -126), in fp32 arithmetic: the format's cast is then exact."""
+        e = (x.to(tl.int32, bitcast=True) >> 23) & 0xFF  # the biased fp32 exponent
+        e = tl.maximum(e, 127 + MIN_EXP)  # subnormals keep the smallest normal's step
+        step = ((e - MANTISSA) << 23).to(tl.float32, bitcast=True)  # 2^(exponent - MANTISSA)
+        y = x / step  # exact: a power of two
+        return ((y + 8388608.0) - 8388608.0) * step  # + 2^23 - 2^23: round to an integer, ties to even
+
+    @triton.jit
+    def _fp8_attention_kernel(q_ptr, k_ptr, v_ptr, qs_ptr, ks_ptr, vs_ptr, o_ptr, tile_start, tile_end,
+                              tile_first, nh, sm_scale_log2, HD: tl.constexpr, BLOCK: tl.constexpr,
+                              PV_FP8: tl.constexpr, INTERPRETER: tl.constexpr):
+        # INTERPRETER (TRITON_INTERPRET=1, the CPU tests): triton 3.9's interpreter mis-rounds fp32 -> e4m3
+        # casts just below a power of two (2% of N(0, 50) samples), truncates fp32 -> bf16 casts, and returns
+        # garbage from bf16 x bf16 dots; there P is rounded to the format's grid in fp32 first and the bf16
+        # product runs on fp32 copies of the bf16 values: the same numbers. A GPU runs the casts and the
+        # tensor-core dots themselves.
+        t = tl.program_id(0)
+        h = tl.program_id(1)
+        start = tl.load(tile_start + t)
+        end = tl.load(tile_end + t)
+        first = tl.load(tile_first + t)
+        seg_start = tl.load(tile_start + first)
+        d = tl.arange(0, HD)
+        rows = start + tl.arange(0, BLOCK)
+        rmask = rows < end
+        q = tl.load(q_ptr + (rows[:, None] * nh + h) * HD + d[None, :], mask=rmask[:, None], other=0.0)
+        qs = tl.load(qs_ptr + rows * nh + h, mask=rmask, other=0.0) * sm_scale_log2  # (BLOCK,)
+        m_i = tl.full([BLOCK], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK], tl.float32)
+        acc = tl.zeros([BLOCK, HD], tl.float32)
+        for k0 in range(seg_start, end, BLOCK):
+            cols = k0 + tl.arange(0, BLOCK)
+            cmask = cols < end
+            kt = tl.load(k_ptr + (cols[None, :] * nh + h) * HD + d[:, None], mask=cmask[None, :], other=0.0)
+            ks = tl.load(ks_ptr + cols * nh + h, mask=cmask, other=0.0)
+            s = tl.dot(q, kt).to(tl.float32) * (qs[:, None] * ks[None, :])  # log2-scaled scores
+            s = tl.where(cmask[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            v = tl.load(v_ptr + (cols[:, None] * nh + h) * HD + d[None, :], mask=cmask[:, None], other=0.0)
+            if PV_FP8:
+                p448 = p * 448.0
+                if INTERPRETER:
+                    p448 = _round_to_grid(p448, 3, -6)
+                vs = tl.load(vs_ptr + ((first + (k0 - seg_start) // BLOCK) * nh + h) * HD + d)  # (HD,)
+                pv = tl.dot(p448.to(tl.float8e4nv), v) * (vs[None, :] * (1.0 / 448.0))
+            elif INTERPRETER:
+                pv = tl.dot(_round_to_grid(p, 7, -126), v.to(tl.float32))
+            else:
+                pv = tl.dot(p.to(tl.bfloat16), v)
+            acc = acc * alpha[:, None] + pv
+            m_i = m_new
+        out = acc / l_i[:, None]
+        tl.store(o_ptr + (rows[:, None] * nh + h) * HD + d[None, :], out, mask=rmask[:, None])
+
+
+def triton_serves(q: torch.Tensor, recipe: FP8AttentionRecipe) -> tuple[bool, str]:
+    """Can the Triton kernel run this call? (ok, reason): CUDA (or the interpreter), triton installed,
+    head_dim and ``recipe.block`` powers of two in [16, 256] (tl.dot's tiles)."""
+    import os
+
+    if triton is None:
+        return False, "triton is not installed"
+    if not (q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+        return False, f"the Triton kernel runs on CUDA (or under TRITON_INTERPRET=1), the tensors are on {q.device}"
+    for what, n in (("head_dim", q.shape[-1]), ("recipe.block", recipe.block)):
+        if n & (n - 1) or not 16 <= n <= 256:
+            return False, f"{what} must be a power of two in [16, 256] for the Triton kernel, got {n}"
+    return True, "Triton kernel"
+
+
+def fp8_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, img_len: int,
+                         txt_lens: torch.Tensor | None = None,
+                         recipe: FP8AttentionRecipe = DEFAULT_RECIPE) -> torch.Tensor:
+    """`fp8_attention`'s maths in a Triton kernel (see the section above). Returns (B, L, nh, hd) in q's dtype."""
+    import os
+
+    _check(q, k, v, img_len, txt_lens)
+    ok, reason = triton_serves(q, recipe)
+    if not ok:
+        raise ValueError(f"fp8_attention_triton: {reason}")
+    B, L, nh, hd = q.shape
+    z = quantize_qkv(q, k, v, valid_lengths(B, L, img_len, txt_lens), recipe)
+    T = B * L
+    qs, ks = (s.expand(T, nh, 1).reshape(T, nh).contiguous() for s in (z.q_scale, z.k_scale))
+    if recipe.pv == "fp8":
+        vs, v8 = z.v_scale.expand(T, nh, hd)[z.tiles.start].contiguous(), z.v  # one channel scale per key tile
+    else:
+        vs, v8 = qs, z.v.bfloat16()  # exact: the values are on the bf16 grid already; vs unused
+    out = torch.empty(T, nh, hd, dtype=torch.float32, device=q.device)
+    grid = (z.tiles.start.numel(), nh)
+    _fp8_attention_kernel[grid](z.q.contiguous(), z.k.contiguous(), v8.contiguous(), qs, ks, vs, out,
+                                z.tiles.start, z.tiles.end, z.tiles.first, nh, hd ** -0.5 * math.log2(math.e),
+                                HD=hd, BLOCK=recipe.block, PV_FP8=recipe.pv == "fp8",
+                                INTERPRETER=os.environ.get("TRITON_INTERPRET") == "1")
+    out = out.view(B, L, nh, hd)
+    if z.m_v is not None:
+        out = out + z.m_v
     return out.to(q.dtype)
 
 
