@@ -415,3 +415,31 @@ def test_triton_kernel_under_the_interpreter_equals_the_emulation():
     for name, (kernel_vs_emulation, emulation_vs_exact) in res.items():
         assert kernel_vs_emulation <= 2e-4, (name, kernel_vs_emulation)  # a few e4m3 rounding ties flip
         assert name == "model" or emulation_vs_exact >= 50 * kernel_vs_emulation  # the recipe's own error
+
+
+def test_bench_dit_quick_runs_the_new_paths_and_names_what_is_missing(tmp_path):
+    import importlib.util
+    import os
+
+    from hvlab import attention
+    from hvlab.fast.fp8 import FP8FallbackWarning
+    from hvlab.fast.fp8_attention import DEFAULT_RECIPE
+
+    spec = importlib.util.spec_from_file_location("bench_dit", os.path.join(
+        os.path.dirname(__file__), "..", "benchmarks", "bench_dit.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    backend = attention.get_attention_backend()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FP8FallbackWarning)
+            report = bench.main(["--quick", "--impls", "hvlab-fa3,hvlab-fp8-fp8attn", "--out", str(tmp_path),
+                                 "--device", "cpu"])
+    finally:
+        attention.set_attention_backend(backend)
+    rows = {r["impl"]: r for r in report["results"]}
+    if FA.fa3_varlen_func() is None:  # this CPU: the FA3 row says why it did not run, the others still ran
+        assert "needs FlashAttention-3" in rows["hvlab-fa3"]["error"]
+    r = rows["hvlab-fp8-fp8attn"]
+    assert "error" not in r and r["finite"] and r["attention"] == "fp8"
+    assert r["fp8_attention_recipe"] == str(DEFAULT_RECIPE)
