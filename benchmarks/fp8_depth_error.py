@@ -34,7 +34,6 @@ import gc
 import json
 import math
 import os
-import re
 import sys
 import time
 from dataclasses import replace
@@ -43,7 +42,8 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from hvlab.fast.fp8 import FP8Linear, convert_to_fp8, default_fp8_filter  # noqa: E402
+from hvlab.fast.fp8 import (MODULATION_KINDS, FP8Linear, convert_to_fp8, default_fp8_filter, fp8_filter,  # noqa: E402
+                            layer_kind)
 from hvlab.model import HYVIDEO_T2_CONFIG, HYVideoDiffusionTransformer  # noqa: E402
 
 SIZES = {"720p": (33, 90, 160), "544p": (33, 68, 120)}
@@ -55,12 +55,6 @@ VARIANTS = {  # name: (mode, per_channel weight scales, per_token activation sca
     "scaled_mm/tensor/tensor": ("scaled_mm", False, False, "none"),
     "scaled_mm/channel/token+mod-bf16": ("scaled_mm", True, True, "modulation"),
 }
-MODULATION = re.compile(r"(_mod|modulation)\.linear$")  # the adaLN linears: one row (B) per call, no FLOPs
-
-
-def kind(name: str) -> str:
-    """A layer's kind: its name without the block index ("double_blocks.3.img_mlp.fc1" -> "double.img_mlp.fc1")."""
-    return re.sub(r"^(double|single)_blocks\.\d+\.", r"\1.", name)
 
 
 @torch.no_grad()
@@ -110,10 +104,9 @@ def emulated_fp8_gemm():
 def to_fp8(model, mode: str, per_channel: bool, per_token: bool, keep_bf16=()):
     """A converted copy of ``model``: the official filter less the layer kinds in ``keep_bf16``; ``mode`` is set
     on the layers directly (convert_to_fp8 would fall back to weight_only off FP8 GPUs)."""
-    keep = set(keep_bf16)
     fp8 = copy.deepcopy(model)
     convert_to_fp8(fp8, mode="weight_only", per_channel=per_channel, per_token=per_token,
-                   include=lambda n, m: default_fp8_filter(n, m) and kind(n) not in keep)
+                   include=fp8_filter(fp8, keep_bf16))
     for m in fp8.modules():
         if isinstance(m, FP8Linear):
             m.mode = mode
@@ -233,10 +226,10 @@ def main(argv=None) -> dict:
 
     gemm = contextlib.nullcontext() if device.type == "cuda" else emulated_fp8_gemm()
     with gemm:
-        all_kinds = sorted({kind(n) for n, m in model.named_modules() if default_fp8_filter(n, m)})
+        all_kinds = sorted({layer_kind(n) for n, m in model.named_modules() if default_fp8_filter(n, m)})
         for n in names:
             mode, per_channel, per_token, keep = VARIANTS[n]
-            kept = [k for k in all_kinds if MODULATION.search(k)] if keep == "modulation" else []
+            kept = [k for k in all_kinds if k in MODULATION_KINDS] if keep == "modulation" else []
             measure(n, mode=mode, per_channel=per_channel, per_token=per_token, keep_bf16=kept)
         if args.sweep:
             kinds = all_kinds

@@ -42,8 +42,8 @@ def _blocks(model: nn.Module):
 
 
 def accelerate(model: nn.Module, *, fused: bool | str = True, chunk_tokens: int | None = None,
-               fp8: bool | str | None = None, fp8_per_channel: bool = False, attention: str | None = "auto",
-               fp8_recipe=None) -> nn.Module:
+               fp8: bool | str | None = None, fp8_per_channel: bool = False, fp8_keep_bf16=(),
+               attention: str | None = "auto", fp8_recipe=None) -> nn.Module:
     """Swap, in place, the DiT's blocks (and their GELU MLPs) for the fast subclasses; optionally FP8 linears.
 
     ``fused``: True / "auto" runs the Triton kernels where they can (CUDA, no autograd), False / "eager" their
@@ -51,6 +51,8 @@ def accelerate(model: nn.Module, *, fused: bool | str = True, chunk_tokens: int 
     ``chunk_tokens``: run the blocks' per-token parts that many tokens at a time (None: all at once).
     ``fp8``: None / False leaves the linears alone; True / "auto" / "scaled_mm" / "weight_only" converts the
     blocks' linears with ``fp8.convert_to_fp8`` in that mode (True means "auto").
+    ``fp8_per_channel``: one weight scale per output channel; ``fp8_keep_bf16``: layer kinds left in bf16
+    (``fp8.layer_kind`` names, e.g. ``fp8.MODULATION_KINDS``).
     ``attention``: every block's ``attn_fn`` becomes a ``FastAttention`` of that kind ("auto": FlashAttention-3
     for bf16 on sm90 GPUs when installed, else cuDNN SDPA / the CPU reference; "fa3"; "sdpa"; "fp8" with
     ``fp8_recipe``, default ``fp8_attention.DEFAULT_RECIPE``), installed under any Ulysses wrapper; None leaves
@@ -63,6 +65,8 @@ def accelerate(model: nn.Module, *, fused: bool | str = True, chunk_tokens: int 
         raise ValueError(f"chunk_tokens must be a positive int (e.g. 16384) or None, got {chunk_tokens!r}")
     if fp8 not in (None, False, True, "auto", "scaled_mm", "weight_only"):
         raise ValueError(f"fp8 must be None, True, 'auto', 'scaled_mm' or 'weight_only', got {fp8!r}")
+    if fp8_keep_bf16 and not fp8:
+        raise ValueError(f"fp8_keep_bf16 goes with fp8=..., got fp8={fp8!r} and fp8_keep_bf16={fp8_keep_bf16!r}")
     if attention is not None and attention not in ATTENTION_KINDS:
         raise ValueError(f"attention must be one of {ATTENTION_KINDS} or None, got {attention!r}")
     if attention == "fa3" and fa3_varlen_func() is None:
@@ -87,10 +91,11 @@ def accelerate(model: nn.Module, *, fused: bool | str = True, chunk_tokens: int 
             if type(mlp) is MLP and _gelu_tanh(mlp):
                 mlp.__class__ = FastMLP
     if fp8:
-        from .fp8 import FP8Linear, convert_to_fp8
+        from .fp8 import FP8Linear, convert_to_fp8, fp8_filter
 
         before = {id(m) for m in model.modules() if isinstance(m, FP8Linear)}
-        convert_to_fp8(model, mode="auto" if fp8 is True else fp8, per_channel=fp8_per_channel)
+        convert_to_fp8(model, mode="auto" if fp8 is True else fp8, per_channel=fp8_per_channel,
+                       include=fp8_filter(model, fp8_keep_bf16))
         for m in model.modules():
             if isinstance(m, FP8Linear) and id(m) not in before:
                 m.converted_by_accelerate = True  # restore() turns these back into nn.Linear
