@@ -8,6 +8,8 @@ Three parts (``--parts``), each a table in docs/benchmarks.md:
   synthetic  Gaussian q, k, v, and keys sharing an offset with a peaky softmax, at L tokens
   videos     toy videos with the recipe's attention in every block vs exact attention, same seeds: PSNR and
              SSIM per prompt, and the detector's accuracy on both (hvlab.toy.evaluate's prompts and seeds)
+  dit        (GPU) q, k, v recorded from the 13B DiT with random weights at 720p (--size) in its first and last
+             double and single blocks: each recipe's Triton kernel against exact attention (cuDNN SDPA)
 
 The recipes are the emulation of ``hvlab.fast.fp8_attention`` (torch's e4m3 / int8 casts, fp32 maths), so
 the numbers hold for any kernel that quantises the same way. Writes $OUT/fp8_attention_error.json (OUT
@@ -15,6 +17,7 @@ defaults to ./outputs) after each part and prints markdown tables.
 
     OMP_NUM_THREADS=1 python benchmarks/fp8_attention_error.py --parts toy,synthetic
     OMP_NUM_THREADS=1 python benchmarks/fp8_attention_error.py --parts videos --recipe int8qk-block+KV --n 21
+    python benchmarks/fp8_attention_error.py --parts dit --size 720p       # one H100 / H200, ~5 min
     python benchmarks/fp8_attention_error.py --quick          # seconds: a smoke run (tests)
 """
 from __future__ import annotations
@@ -30,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench_dit, for the dit part
 
 from hvlab.attention import attention, valid_lengths  # noqa: E402
 from hvlab.fast.fp8_attention import DEFAULT_RECIPE, RECIPES, fp8_attention, relative_error  # noqa: E402
@@ -198,6 +202,51 @@ def part_videos(recipe, n: int, batch: int, seed: int, out_dir: str) -> dict:
     return res
 
 
+# ------------------------------------------------------------------------------------------- part: dit
+def part_dit(recipes: dict, size: str, seed: int) -> dict:
+    """q, k, v of the 13B DiT (random weights: bench_dit's, std 0.02) at ``size``, blocks double 0 / 19 and
+    single 0 / 39, one forward at t = 900; exact = hvlab.attention.attention (cuDNN), each recipe through
+    fp8_attention_triton (its kernel, the thing that would run)."""
+    from bench_dit import SIZES, build_hvlab, make_inputs
+
+    from hvlab.fast.fp8_attention import fp8_attention_triton
+    from hvlab.model import HYVIDEO_T2_CONFIG
+
+    device = torch.device("cuda")
+    config = HYVIDEO_T2_CONFIG
+    model = build_hvlab(config, device, seed, attention="sdpa")
+    inp = make_inputs(config, SIZES[size], device)
+    chosen = {("double", 0), ("double", config.mm_double_blocks_depth - 1), ("single", 0),
+              ("single", config.mm_single_blocks_depth - 1)}
+    records, originals = [], []
+
+    def wrap(name, fn):
+        def attn_fn(q, k, v, *, img_len, txt_lens=None):
+            out = fn(q, k, v, img_len=img_len, txt_lens=txt_lens)
+            errs = {}
+            lengths = valid_lengths(q.shape[0], q.shape[1], img_len, txt_lens)
+            for rname, recipe in recipes.items():
+                approx = fp8_attention_triton(q, k, v, img_len=img_len, txt_lens=txt_lens, recipe=recipe)
+                errs[rname] = relative_error(approx, out, lengths)
+                del approx
+            records.append(dict(block=name, rows=errs))
+            print(json.dumps(records[-1]), flush=True)
+            return out
+        return attn_fn
+
+    t0 = time.perf_counter()
+    for kind, i, b in _blocks(model):
+        if (kind, i) in chosen:
+            originals.append((b, b.attn_fn))
+            b.attn_fn = wrap(f"{kind} {i}", b.attn_fn)
+    with torch.no_grad():
+        model(**inp)
+    del model
+    rows = {n: {r["block"]: r["rows"][n] for r in records} for n in recipes}
+    return dict(size=size, card=torch.cuda.get_device_name(device), seconds=round(time.perf_counter() - t0, 1),
+                rows=rows)
+
+
 # --------------------------------------------------------------------------------------------- report
 def tables(report: dict) -> str:
     lines = []
@@ -219,6 +268,14 @@ def tables(report: dict) -> str:
         for name, r in s["rows"].items():
             lines.append(f"| {name} | " + " | ".join(f"{r[c]:.2%}" for c in cases) + " |")
         lines.append("")
+    if "dit" in report:
+        d = report["dit"]
+        blocks = list(next(iter(d["rows"].values())))
+        lines += [f"13B DiT, random weights, {d['size']} ({d['card']}): Triton kernel vs exact attention", "",
+                  "| recipe | " + " | ".join(blocks) + " |", "|---|" + "---|" * len(blocks)]
+        for name, r in d["rows"].items():
+            lines.append(f"| {name} | " + " | ".join(f"{r[b]:.2%}" for b in blocks) + " |")
+        lines.append("")
     if "videos" in report:
         v = report["videos"]
         lines += [f"Toy videos, {v['recipe']} vs exact attention ({v['n_per_split']} prompts per split, same seeds)",
@@ -234,7 +291,8 @@ def tables(report: dict) -> str:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--parts", default="toy,synthetic", help="comma list of toy, synthetic, videos")
+    p.add_argument("--parts", default="toy,synthetic", help="comma list of toy, synthetic, videos, dit")
+    p.add_argument("--size", default="720p", help="the dit part's size (bench_dit.SIZES)")
     p.add_argument("--recipes", default=",".join(RECIPES), help=f"comma list of {list(RECIPES)} (toy, synthetic)")
     p.add_argument("--recipe", default=None, help="the recipe of the videos part (default: DEFAULT_RECIPE)")
     p.add_argument("--L", type=int, default=4096, help="tokens of the synthetic cases")
@@ -247,11 +305,13 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     parts = [s.strip() for s in args.parts.split(",") if s.strip()]
     names = [s.strip() for s in args.recipes.split(",") if s.strip()]
-    bad = [x for x in parts if x not in ("toy", "synthetic", "videos")] + [x for x in names if x not in RECIPES]
+    bad = [x for x in parts if x not in ("toy", "synthetic", "videos", "dit")] + [x for x in names if x not in RECIPES]
     if args.recipe is not None and args.recipe not in RECIPES:
         bad.append(args.recipe)
     if bad:
         p.error(f"unknown parts or recipes {bad}: parts from toy, synthetic, videos; recipes from {list(RECIPES)}")
+    if "dit" in parts and not torch.cuda.is_available():
+        p.error("the dit part needs a CUDA GPU (the 13B model at --size, the Triton kernel)")
     if args.quick:
         parts, names, args.L = ["synthetic"], ["fp8-head", "int8qk-block+KV"], 256
     recipes = {n: RECIPES[n] for n in names}
@@ -265,6 +325,8 @@ def main(argv=None) -> dict:
             report["toy"] = part_toy(recipes, args.toy_prompts, args.seed)
         elif part == "synthetic":
             report["synthetic"] = part_synthetic(recipes, args.L)
+        elif part == "dit":
+            report["dit"] = part_dit(recipes, args.size, 0)
         else:
             recipe = DEFAULT_RECIPE if args.recipe is None else RECIPES[args.recipe]
             report["videos"] = part_videos(recipe, args.n, args.batch, args.seed, out_dir)

@@ -16,7 +16,8 @@ Variants (``--variants``):
 and, with ``--sweep``, a per-layer-kind sensitivity sweep (only that kind in FP8) followed by
 scaled_mm/channel/token keeping the 1, 2, 3 most sensitive kinds in bf16 (``keep-bf16:<kinds>``).
 
-On the CPU the FP8 GEMM is emulated in fp32 (the e4m3 operands' exact products, fp32 sums: what the
+On a GPU the models run the fast wing's blocks (``accelerate(chunk_tokens=16384, attention="sdpa")``,
+what load_pipeline runs); on the CPU the reference blocks, and the FP8 GEMM is emulated in fp32 (the e4m3 operands' exact products, fp32 sums: what the
 tensor cores compute without fast accumulation) and the model runs in fp32, so the table shows the FP8
 error alone; on an FP8 GPU the real ``torch._scaled_mm`` runs against the bf16 model. Random weights show
 how the rounding error grows with depth, not the quality a real checkpoint would keep.
@@ -195,6 +196,10 @@ def main(argv=None) -> dict:
     t0 = time.perf_counter()
     model = HYVideoDiffusionTransformer(config, device="meta", dtype=dtype).to_empty(device=device)
     model = init_fan_in_(model, args.seed).eval()
+    if device.type == "cuda":  # the path that runs at 720p: fast blocks, token chunks, the fused FP8 quantiser
+        from hvlab.fast import accelerate
+
+        accelerate(model, chunk_tokens=16384, attention="sdpa")
     L_img = math.prod(model.grid_size((1, config.in_channels, *grid)))
     inputs = make_inputs(config, grid, args.text_len, args.text_real, device, dtype)
     report = {"env": {"torch": torch.__version__, "device": str(device), "dtype": str(dtype).replace("torch.", ""),

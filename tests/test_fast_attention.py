@@ -443,3 +443,69 @@ def test_bench_dit_quick_runs_the_new_paths_and_names_what_is_missing(tmp_path):
     r = rows["hvlab-fp8-fp8attn"]
     assert "error" not in r and r["finite"] and r["attention"] == "fp8"
     assert r["fp8_attention_recipe"] == str(DEFAULT_RECIPE)
+
+
+def test_fp8_attention_error_quick_writes_its_table(tmp_path):
+    import importlib.util
+    import json
+    import os
+
+    spec = importlib.util.spec_from_file_location("fp8_attention_error", os.path.join(
+        os.path.dirname(__file__), "..", "benchmarks", "fp8_attention_error.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    report = bench.main(["--quick", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "fp8_attention_error.json").read_text())
+    assert saved["synthetic"]["rows"] == report["synthetic"]["rows"]
+    rows = saved["synthetic"]["rows"]
+    assert rows["int8qk-block+KV"]["offset+peaky"] < rows["fp8-head"]["offset+peaky"]
+    assert "| int8qk-block+KV |" in bench.tables(report)
+    a = torch.rand(3, 4, 16, 16)
+    assert bench.psnr(a, a) == float("inf") and bench.ssim(a, a) == pytest.approx(1.0)
+    noisy = (a + 0.01 * torch.randn_like(a)).clamp(0, 1)
+    assert 35 < bench.psnr(noisy, a) < 45 and bench.ssim(noisy, a) < bench.ssim(a, a)
+
+
+# ------------------------------------------------------------------------------------ on a GPU (pending)
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@gpu
+def test_gpu_fa3_within_bf16_noise_at_the_720p_shape_and_padding_exact():
+    L_img, L_txt = 33 * 45 * 80, 256
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(1, L_img + L_txt, 24, 128, generator=g, device="cuda", dtype=torch.bfloat16)
+               for _ in range(3))
+    ok, reason = FA.fa3_serves(q)
+    if not ok:
+        pytest.skip(reason)
+    lens = torch.tensor([24], device="cuda")
+    out = fa3_attention(q, k, v, img_len=L_img, txt_lens=lens)
+    ref = A.attention(q, k, v, img_len=L_img, txt_lens=lens)  # cuDNN SDPA on the real segment
+    n = L_img + 24
+    assert relative_error(out[:, :n], ref[:, :n]) <= 1e-2  # two bf16 kernels: ~3e-3 (issue 17's measurement)
+    for t in (q, k, v):
+        t[:, n:] = 50 * torch.randn_like(t[:, n:])
+    assert torch.equal(fa3_attention(q, k, v, img_len=L_img, txt_lens=lens)[:, :n], out[:, :n])
+
+
+@gpu
+@pytest.mark.parametrize("name", ["int8qk-block+KV", "int8qk-block+K-bf16pv", "fp8-head"])
+def test_gpu_fp8_kernel_tracks_the_emulation(name):
+    """The compiled kernel (tensor-core int8 / e4m3 / bf16 dots, exp2) against the emulation at L = 4096 with
+    keys sharing an offset: close to it, and no less accurate than it against exact attention."""
+    ok, reason = F8.triton_serves(torch.empty(1, 1, 1, 128, device="cuda"), RECIPES[name])
+    if not ok:
+        pytest.skip(reason)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(2, 4096, 8, 128, generator=g, device="cuda") for _ in range(3))
+    q, k = (3 * q).bfloat16(), (k + 6 * torch.randn(1, 1, 8, 128, generator=g, device="cuda")).bfloat16()
+    v = v.bfloat16()
+    lens = torch.tensor([3, 200], device="cuda")
+    img = 4096 - 256
+    n = [img + 3, img + 200]
+    exact = A.attention(q.float(), k.float(), v.float(), img_len=img, txt_lens=lens)
+    kern = F8.fp8_attention_triton(q, k, v, img_len=img, txt_lens=lens, recipe=RECIPES[name]).float()
+    emul = fp8_attention(q, k, v, img_len=img, txt_lens=lens, recipe=RECIPES[name]).float()
+    assert relative_error(kern, emul, n) <= 1e-2
+    assert relative_error(kern, exact, n) <= relative_error(emul, exact, n) + 5e-3
