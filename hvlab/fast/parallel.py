@@ -26,8 +26,9 @@ only the image part goes through the all-to-all.
 **Why plain torch.distributed, not yunchang / xfuser** (the official release's xDiT path): those packages
 bring flash-attn and pinned torch/diffusers versions, and hide the two all-to-alls behind a generic
 ``LongContextAttention``. Here the whole mechanism is ~40 lines next to the model it parallelises, runs on
-gloo for CPU tests, and reuses hvlab's own attention (SDPA or flash-attn varlen) unchanged. What it does not
-do: Ring attention (for degrees above heads_num) and overlap of communication with compute.
+gloo for CPU tests, and reuses whatever kernel the blocks' ``attn_fn`` holds (hvlab's SDPA segments, or the
+FlashAttention-3 / FP8 attention that ``hvlab.fast.accelerate`` installs, before or after the wrap) unchanged.
+What it does not do: Ring attention (for degrees above heads_num) and overlap of communication with compute.
 
 Inference only (the collectives carry no autograd). Launch with ``torchrun``; see ``init_ulysses_from_env``
 and ``enable_ulysses`` for the pipeline and ``hvlab generate --ulysses-degree N``.
