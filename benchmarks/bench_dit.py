@@ -1,9 +1,15 @@
 """Time one DiT step (one forward: the model is guidance-distilled) at 720p and 544p, 129 frames.
 
-Implementations, each in the same run and on the same card:
-  hvlab-bf16               HYVideoDiffusionTransformer in bf16, with the fast wing (hvlab.fast.accelerate)
-  hvlab-reference          (not run by default) the reference blocks alone: what a student reads, in bf16
-  hvlab-fp8                the same with FP8 GEMMs (hvlab.fast.fp8.convert_to_fp8, mode "scaled_mm")
+Implementations, each in the same run and on the same card (hvlab's with the fast wing's blocks, and the
+attention named: "sdpa" = cuDNN SDPA, "fa3" = FlashAttention-3 with hvlab's varlen segments, "fp8" = hvlab's
+FP8 attention, its Triton kernel; hvlab.fast.accelerate(attention=...)):
+  hvlab-bf16               HYVideoDiffusionTransformer in bf16, cuDNN SDPA
+  hvlab-fa3                the same with FlashAttention-3 (exact; needs the fa3 extra on an sm90 GPU)
+  hvlab-fp8                FP8 GEMMs (hvlab.fast.fp8.convert_to_fp8, mode "scaled_mm"), cuDNN SDPA
+  hvlab-fp8-fa3            FP8 GEMMs + FlashAttention-3
+  hvlab-fp8-fp8attn        FP8 GEMMs + FP8 attention, recipe fp8_attention.DEFAULT_RECIPE (INT8 QK^T, FP8 PV)
+  hvlab-fp8-int8attn       FP8 GEMMs + INT8 QK^T / bf16 PV attention (recipe "int8qk-block+K-bf16pv")
+  hvlab-reference          (not run by default) the reference blocks alone (no fast wing): what a student reads
   hvlab-fp8-weight-only    (not run by default) the official FP8 behaviour: fp8 storage, bf16 math
   diffusers                diffusers' HunyuanVideoTransformer3DModel in bf16, its default attention (if importable)
 
@@ -16,7 +22,7 @@ Reports s/step (after one warm-up step), TFLOP/s against the nominal count of `d
 L_txt = 256, the reference's 12.07 PFLOP at 720p, for every implementation), peak memory, card and torch.
 Writes $OUT/bench_dit.json (OUT defaults to ./outputs) after every configuration, then prints a table.
 
-    python benchmarks/bench_dit.py                          # 720p and 544p, all three, 1 timed step
+    python benchmarks/bench_dit.py                          # 720p and 544p, the default impls, 1 timed step
     python benchmarks/bench_dit.py --sizes 544p --impls hvlab-fp8 --steps 3
     python benchmarks/bench_dit.py --quick                  # tiny config, CPU or GPU, seconds
 """
@@ -40,7 +46,18 @@ from hvlab.model import HYVIDEO_T2_CONFIG, TINY_CONFIG, HYVideoConfig, HYVideoDi
 # Latent grids (T, H, W) for 129 frames: the causal VAE maps 4k+1 frames -> k+1 and divides H, W by 8.
 SIZES = {"720p": (33, 90, 160), "544p": (33, 68, 120)}  # 720x1280, 544x960
 QUICK_SIZE = {"quick": (3, 8, 8)}
-IMPLS = ("hvlab-bf16", "hvlab-fp8", "diffusers")
+# impl: (FP8 GEMM mode or None, hvlab.fast.accelerate's attention, FP8 attention recipe name or None)
+HVLAB_IMPLS = {
+    "hvlab-bf16": (None, "sdpa", None),
+    "hvlab-fa3": (None, "fa3", None),
+    "hvlab-fp8": ("scaled_mm", "sdpa", None),
+    "hvlab-fp8-fa3": ("scaled_mm", "fa3", None),
+    "hvlab-fp8-fp8attn": ("scaled_mm", "fp8", None),
+    "hvlab-fp8-int8attn": ("scaled_mm", "fp8", "int8qk-block+K-bf16pv"),
+    "hvlab-fp8-weight-only": ("weight_only", "sdpa", None),
+    "hvlab-reference": (None, "sdpa", None),  # built without the fast wing
+}
+IMPLS = ("diffusers", "hvlab-bf16", "hvlab-fa3", "hvlab-fp8", "hvlab-fp8-fa3", "hvlab-fp8-fp8attn", "hvlab-fp8-int8attn")
 ALL_IMPLS = IMPLS + ("hvlab-fp8-weight-only", "hvlab-reference")
 TEXT_LEN, TEXT_REAL = 256, 24  # padded text length (the LLM's max) and real tokens in it
 
@@ -87,12 +104,14 @@ def _materialise(model: torch.nn.Module, device: torch.device, seed: int) -> tor
     return init_random_(model.to_empty(device=device), seed)
 
 
-def build_hvlab(config: HYVideoConfig, device: torch.device, seed: int, fast: bool = True) -> torch.nn.Module:
-    """hvlab's DiT with random weights; ``fast``: with the fast wing's blocks (``hvlab.fast.accelerate``)."""
+def build_hvlab(config: HYVideoConfig, device: torch.device, seed: int, fast: bool = True,
+                attention: str = "sdpa", fp8_recipe=None) -> torch.nn.Module:
+    """hvlab's DiT with random weights; ``fast``: with the fast wing's blocks and ``attention``
+    (``hvlab.fast.accelerate``)."""
     from hvlab.fast import accelerate
 
     model = _materialise(HYVideoDiffusionTransformer(config, device="meta", dtype=torch.bfloat16), device, seed)
-    return (accelerate(model) if fast else model).eval()
+    return (accelerate(model, attention=attention, fp8_recipe=fp8_recipe) if fast else model).eval()
 
 
 def diffusers_kwargs(config: HYVideoConfig) -> dict:
@@ -173,11 +192,26 @@ def run_one(impl: str, size: str, grid, config: HYVideoConfig, device, steps: in
         if impl == "diffusers":
             model = build_diffusers(config, device, seed)
         else:
-            model = build_hvlab(config, device, seed, fast=impl != "hvlab-reference")
-            if impl.startswith("hvlab-fp8"):
+            from hvlab.fast.fp8_attention import RECIPES
+
+            mode, attention, recipe = HVLAB_IMPLS[impl]
+            recipe = None if recipe is None else RECIPES[recipe]
+            if attention == "fp8" and device.type == "cuda":  # never time the fp32 emulation at 720p (hours)
+                from hvlab.fast.fp8_attention import DEFAULT_RECIPE, triton_serves
+
+                probe = torch.empty(1, 1, config.heads_num, config.head_dim, device=device, dtype=torch.bfloat16)
+                ok, reason = triton_serves(probe, recipe or DEFAULT_RECIPE)
+                if not ok:
+                    raise RuntimeError(f"FP8 attention's Triton kernel cannot run here: {reason}")
+            model = build_hvlab(config, device, seed, attention=attention, fp8_recipe=recipe)
+            row["attention"] = attention
+            if attention == "fp8":
+                from hvlab.fast.fp8_attention import DEFAULT_RECIPE
+
+                row["fp8_attention_recipe"] = str(recipe or DEFAULT_RECIPE)
+            if mode is not None:
                 from hvlab.fast.fp8 import convert_to_fp8, fp8_param_share, set_fp8_mode
 
-                mode = "weight_only" if impl == "hvlab-fp8-weight-only" else "scaled_mm"
                 convert_to_fp8(model, mode="weight_only", use_fast_accum=fast_accum)
                 row["fp8_mode"] = set_fp8_mode(model, mode)  # falls back (with a warning) off FP8 GPUs
                 row["fp8_param_share"] = round(fp8_param_share(model), 4)
@@ -231,18 +265,23 @@ def environment(device) -> dict:
 
 def markdown_table(env: dict, rows: list[dict]) -> str:
     lines = [f"DiT step, {env['card']}, torch {env['torch']} (TFLOP/s against the nominal FLOPs, L_txt = {TEXT_LEN})",
-             "", "| size | impl | s/step | TFLOP/s | peak GiB | note |", "| --- | --- | --- | --- | --- | --- |"]
+             "", "| size | impl | s/step | vs diffusers | TFLOP/s | peak GiB | note |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    base = {r["size"]: r["s_per_step"] for r in rows if r["impl"] == "diffusers" and "s_per_step" in r}
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['size']} | {r['impl']} | - | - | - | {r['error'][:80]} |")
+            lines.append(f"| {r['size']} | {r['impl']} | - | - | - | - | {r['error'][:80]} |")
             continue
-        note = []
+        speedup = f"{base[r['size']] / r['s_per_step']:.2f}x" if r["size"] in base else "-"
+        note = [f"attention {r['attention']}"] if "attention" in r else []
+        if "fp8_attention_recipe" in r:
+            note.append(r["fp8_attention_recipe"])
         if "fp8_mode" in r:
             note.append(f"fp8 {r['fp8_mode']}" + ("" if r.get("fast_accum", True) else ", exact accumulation"))
         if not r.get("finite", True):
             note.append("non-finite output")
         peak = f"{r['peak_gib']:.1f}" if "peak_gib" in r else "-"
-        lines.append(f"| {r['size']} | {r['impl']} | {r['s_per_step']:.3f} | {r['tflops']:.4g} | {peak} | "
+        lines.append(f"| {r['size']} | {r['impl']} | {r['s_per_step']:.3f} | {speedup} | {r['tflops']:.4g} | {peak} | "
                      f"{', '.join(note)} |")
     return "\n".join(lines)
 

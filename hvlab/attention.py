@@ -186,10 +186,14 @@ def attention(
         return _segments_sdpa(q, k, v, lengths)
 
 
-def _segments_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+def _segments_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: list[int],
+                   kernel=None) -> torch.Tensor:
+    """The segments of every sample, each through ``kernel(q, k, v)`` on (b, n, nh, hd) slices (default SDPA);
+    the fast wing passes its own kernels (e.g. FP8 attention) to keep these semantics in one place."""
+    kernel = _sdpa if kernel is None else kernel
     B, L = q.shape[:2]
     if all(n == L for n in lengths):
-        return _sdpa(q, k, v)
+        return kernel(q, k, v)
     out = torch.empty_like(q)
     groups: dict[int, list[int]] = {}
     for b, n in enumerate(lengths):
@@ -198,9 +202,9 @@ def _segments_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: l
         rows = slice(None) if len(members) == B else torch.tensor(members, device=q.device)
         qb, kb, vb = q[rows], k[rows], v[rows]
         if n > 0:
-            out[rows, :n] = _sdpa(qb[:, :n], kb[:, :n], vb[:, :n])  # real tokens
+            out[rows, :n] = kernel(qb[:, :n], kb[:, :n], vb[:, :n])  # real tokens
         if n < L:
-            out[rows, n:] = _sdpa(qb[:, n:], kb[:, n:], vb[:, n:])  # the padding segment
+            out[rows, n:] = kernel(qb[:, n:], kb[:, n:], vb[:, n:])  # the padding segment
     return out
 
 

@@ -31,7 +31,7 @@ OFFICIAL_FLAGS: tuple[tuple[str, str, str | None, str], ...] = (
     ("--save-path", "./results", "--save-path", "official: timestamped mp4 files in one folder; hvlab: one folder "
      "per run (video.mp4, settings.json, latents.pt, previews)"),
     ("--dit-weight", "ckpts/.../mp_rank_00_model_states.pt", None, "hvlab finds the DiT file in the release "
-     "layout under --model-base (hvlab.pipeline.RELEASE_FILES)"),
+     "layout under --model-base (hvlab.loading.RELEASE_FILES)"),
     ("--ulysses-degree", "1", "--ulysses-degree", "launch with torchrun in both"),
     ("--ring-degree", "1", None, "hvlab splits the sequence with Ulysses only"),
     # --- the rest of the official parser ---

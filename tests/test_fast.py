@@ -87,7 +87,8 @@ def test_restore_gives_back_the_reference_classes_and_outputs():
     with torch.no_grad():
         ref = model(*inp)
         accelerate(model, chunk_tokens=4)
-        assert acceleration(model) == {"fast_blocks": 2, "chunk_tokens": 4, "kernels": "auto", "fp8_layers": 0}
+        assert acceleration(model) == {"fast_blocks": 2, "chunk_tokens": 4, "kernels": "auto", "fp8_layers": 0,
+                                      "attention": ["auto"]}
         restore(model)
         again = model(*inp)
     assert type(model.double_blocks[0]) is MMDoubleStreamBlock and type(model.single_blocks[0]) is MMSingleStreamBlock

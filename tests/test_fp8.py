@@ -236,6 +236,21 @@ def test_default_filter_takes_the_official_320_layers_of_the_13b_model():
     assert isinstance(model.final_layer.linear, nn.Linear) and isinstance(model.txt_in.input_embedder, nn.Linear)
 
 
+def test_chosen_layer_kinds_stay_bf16():
+    from hvlab.fast import accelerate
+
+    model = HYVideoDiffusionTransformer(HYVIDEO_T2_CONFIG, device="meta", dtype=torch.bfloat16)
+    accelerate(model, fused="eager", fp8="weight_only", fp8_keep_bf16=fp8.MODULATION_KINDS)
+    kept = [n for n, m in model.named_modules() if type(m) is nn.Linear and fp8.default_fp8_filter(n, m)]
+    assert len(kept) == 20 * 2 + 40 and all(fp8.layer_kind(n) in fp8.MODULATION_KINDS for n in kept)
+    assert sum(isinstance(m, FP8Linear) for m in model.modules()) == 320 - 80
+    assert fp8.layer_kind("single_blocks.39.linear2") == "single.linear2"
+    with pytest.raises(ValueError, match=r"does not have: \['single.linear3'\]; its FP8 layer kinds are \["):
+        fp8.fp8_filter(model, ["single.linear3"])
+    with pytest.raises(ValueError, match="fp8_keep_bf16 goes with fp8=..., got fp8=None"):
+        accelerate(model, fp8_keep_bf16=["single.linear2"])
+
+
 def test_convert_skips_layers_whose_dims_are_not_multiples_of_16():
     model = nn.Sequential()
     model.double_blocks = nn.ModuleList([nn.Linear(64, 48), nn.Linear(64, 40)])

@@ -11,14 +11,17 @@ that keeps the same parameters and state-dict keys, and each has a parity test a
 ``memory``             the GPU memory plan and the check that runs before any weight is read
 ``offload``            ``on_device`` for whole models, ``BlockOffloader`` for the DiT's blocks
 ``parallel``           Ulysses sequence parallelism (``UlyssesDiT``)
+``attention``          the blocks' ``attn_fn``: FlashAttention-3 on Hopper, cuDNN SDPA, or FP8 attention
+``fp8_attention``      FP8 / INT8 attention with exact smoothing and fine scales (opt-in), its emulation
 ``cache``              ``StepCache``: First-Block Cache and TeaCache skip the blocks on quiet steps
 =====================  ==================================================================================
 
-One call turns the first three on, and one turns them off again::
+One call turns them on, and one turns them off again::
 
     from hvlab.fast import accelerate, restore
     accelerate(dit, fused=True, chunk_tokens=16384, fp8="auto")   # what load_pipeline does on CUDA
-    restore(dit)                                                   # the reference classes again
+    accelerate(dit, attention="fp8")                               # opt-in FP8 attention (an approximation)
+    restore(dit)                                                   # the reference classes and attention again
 """
 from __future__ import annotations
 
@@ -27,6 +30,8 @@ from torch import nn
 
 from ..blocks import MMDoubleStreamBlock, MMSingleStreamBlock
 from ..modulation import MLP
+from .attention import KINDS as ATTENTION_KINDS
+from .attention import FastAttention, fa3_varlen_func, install, installed, uninstall
 from .blocks import FAST_CLASSES, FastDoubleStreamBlock, FastMLP, FastSingleStreamBlock
 
 KERNELS = {True: "auto", False: "eager", "auto": "auto", "eager": "eager", "kernel": "kernel"}
@@ -38,7 +43,8 @@ def _blocks(model: nn.Module):
 
 
 def accelerate(model: nn.Module, *, fused: bool | str = True, chunk_tokens: int | None = None,
-               fp8: bool | str | None = None, fp8_per_channel: bool = False) -> nn.Module:
+               fp8: bool | str | None = None, fp8_per_channel: bool = False, fp8_keep_bf16=(),
+               attention: str | None = "auto", fp8_recipe=None) -> nn.Module:
     """Swap, in place, the DiT's blocks (and their GELU MLPs) for the fast subclasses; optionally FP8 linears.
 
     ``fused``: True / "auto" runs the Triton kernels where they can (CUDA, no autograd), False / "eager" their
@@ -46,7 +52,12 @@ def accelerate(model: nn.Module, *, fused: bool | str = True, chunk_tokens: int 
     ``chunk_tokens``: run the blocks' per-token parts that many tokens at a time (None: all at once).
     ``fp8``: None / False leaves the linears alone; True / "auto" / "scaled_mm" / "weight_only" converts the
     blocks' linears with ``fp8.convert_to_fp8`` in that mode (True means "auto").
-    Parameters and state-dict keys are unchanged (strict loading still works). Returns ``model``.
+    ``fp8_per_channel``: one weight scale per output channel; ``fp8_keep_bf16``: layer kinds left in bf16
+    (``fp8.layer_kind`` names, e.g. ``fp8.MODULATION_KINDS``).
+    ``attention``: every block's ``attn_fn`` becomes a ``FastAttention`` of that kind ("auto": FlashAttention-3
+    for bf16 on sm90 GPUs when installed, else cuDNN SDPA / the CPU reference; "fa3"; "sdpa"; "fp8" with
+    ``fp8_recipe``, default ``fp8_attention.DEFAULT_RECIPE``), installed under any Ulysses wrapper; None leaves
+    ``attn_fn`` alone. Parameters and state-dict keys are unchanged (strict loading still works). Returns ``model``.
     """
     if fused not in KERNELS:
         raise ValueError(f"fused must be True, False, 'auto', 'eager' or 'kernel', got {fused!r}")
@@ -55,10 +66,24 @@ def accelerate(model: nn.Module, *, fused: bool | str = True, chunk_tokens: int 
         raise ValueError(f"chunk_tokens must be a positive int (e.g. 16384) or None, got {chunk_tokens!r}")
     if fp8 not in (None, False, True, "auto", "scaled_mm", "weight_only"):
         raise ValueError(f"fp8 must be None, True, 'auto', 'scaled_mm' or 'weight_only', got {fp8!r}")
+    if fp8_keep_bf16 and not fp8:
+        raise ValueError(f"fp8_keep_bf16 goes with fp8=..., got fp8={fp8!r} and fp8_keep_bf16={fp8_keep_bf16!r}")
+    if attention is not None and attention not in ATTENTION_KINDS:
+        raise ValueError(f"attention must be one of {ATTENTION_KINDS} or None, got {attention!r}")
+    if attention == "fa3" and fa3_varlen_func() is None:
+        from .attention import FA3_INSTALL
+
+        raise ValueError(f"attention='fa3' needs FlashAttention-3: {FA3_INSTALL}")
+    attn = None if attention is None else FastAttention(attention, fp8_recipe)  # validates the recipe
+    if attn is None and fp8_recipe is not None:
+        raise ValueError("fp8_recipe goes with attention='fp8', got attention=None")
     blocks = _blocks(model)
     if not blocks:
         raise ValueError(f"accelerate found no DiT block in {type(model).__name__}: it expects a "
                          "HYVideoDiffusionTransformer (or a module holding MMDoubleStreamBlock / MMSingleStreamBlock)")
+    if attn is not None:
+        for m in blocks:  # one FastAttention shared by the blocks: one place for the setting
+            install(m, attn)
     for m in blocks:
         m.__class__ = FAST_CLASSES.get(type(m), type(m))  # same object, same parameters: only the forward changes
         m.chunk_tokens = chunk_tokens
@@ -67,10 +92,11 @@ def accelerate(model: nn.Module, *, fused: bool | str = True, chunk_tokens: int 
             if type(mlp) is MLP and _gelu_tanh(mlp):
                 mlp.__class__ = FastMLP
     if fp8:
-        from .fp8 import FP8Linear, convert_to_fp8
+        from .fp8 import FP8Linear, convert_to_fp8, fp8_filter
 
         before = {id(m) for m in model.modules() if isinstance(m, FP8Linear)}
-        convert_to_fp8(model, mode="auto" if fp8 is True else fp8, per_channel=fp8_per_channel)
+        convert_to_fp8(model, mode="auto" if fp8 is True else fp8, per_channel=fp8_per_channel,
+                       include=fp8_filter(model, fp8_keep_bf16))
         for m in model.modules():
             if isinstance(m, FP8Linear) and id(m) not in before:
                 m.converted_by_accelerate = True  # restore() turns these back into nn.Linear
@@ -85,6 +111,8 @@ def _gelu_tanh(mlp: nn.Module) -> bool:
 def restore(model: nn.Module) -> nn.Module:
     """Undo ``accelerate``: the reference classes again, and ``nn.Linear`` for the layers it converted to FP8
     (with the dequantised weights: the FP8 rounding itself cannot be undone). Returns ``model``."""
+    for m in _blocks(model):
+        uninstall(m)  # hvlab.attention.attention again, under any wrapper
     for m in model.modules():
         if type(m) in REFERENCE_CLASSES:
             m.__class__ = REFERENCE_CLASSES[type(m)]
@@ -106,14 +134,18 @@ def restore(model: nn.Module) -> nn.Module:
 
 
 def acceleration(model: nn.Module) -> dict:
-    """What ``accelerate`` set on ``model``: {"fast_blocks", "chunk_tokens", "kernels", "fp8_layers"}."""
+    """What ``accelerate`` set on ``model``: {"fast_blocks", "chunk_tokens", "kernels", "fp8_layers", "attention"}
+    ("attention": the FastAttention kinds found under the blocks' attn_fn, e.g. ["fa3"], or [])."""
     from .fp8 import FP8Linear
 
     fast = [m for m in model.modules() if isinstance(m, (FastDoubleStreamBlock, FastSingleStreamBlock))]
+    kinds = sorted({a.kind for a in map(installed, _blocks(model)) if a is not None})
     return {"fast_blocks": len(fast),
             "chunk_tokens": fast[0].chunk_tokens if fast else None,
             "kernels": fast[0].kernels if fast else None,
-            "fp8_layers": sum(isinstance(m, FP8Linear) for m in model.modules())}
+            "fp8_layers": sum(isinstance(m, FP8Linear) for m in model.modules()),
+            "attention": kinds}
 
 
-__all__ = ["accelerate", "restore", "acceleration", "FastDoubleStreamBlock", "FastSingleStreamBlock", "FastMLP"]
+__all__ = ["accelerate", "restore", "acceleration", "FastDoubleStreamBlock", "FastSingleStreamBlock", "FastMLP",
+           "FastAttention"]

@@ -30,6 +30,7 @@ extension the official loader does not read).
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from typing import Callable, Mapping
 
@@ -440,6 +441,28 @@ def set_fp8_mode(model: nn.Module, mode: str = "auto", device: torch.device | st
     for m in layers:
         m.mode = resolved
     return resolved
+
+
+def layer_kind(name: str) -> str:
+    """A block linear's kind, its name without the block index: "double_blocks.3.img_mlp.fc1" ->
+    "double.img_mlp.fc1", "single_blocks.0.linear2" -> "single.linear2" (other names are returned as they are)."""
+    return re.sub(r"^(double|single)_blocks\.\d+\.", r"\1.", name)
+
+
+# The adaLN modulation linears: one row per sample (no GEMM time for FP8 to save), and an error in their
+# shift / scale / gate moves every token at once. 26% of the 13B model's weights.
+MODULATION_KINDS = ("double.img_mod.linear", "double.txt_mod.linear", "single.modulation.linear")
+
+
+def fp8_filter(model: nn.Module, keep_bf16=()) -> Callable[[str, nn.Module], bool]:
+    """`default_fp8_filter` less the layer kinds in ``keep_bf16`` (see `layer_kind`; e.g. `MODULATION_KINDS`,
+    or the most sensitive kinds of ``benchmarks/fp8_depth_error.py --sweep``). Unknown kinds are refused."""
+    keep = set(keep_bf16)
+    kinds = {layer_kind(n) for n, m in model.named_modules() if default_fp8_filter(n, m)}
+    if keep - kinds:
+        raise ValueError(f"keep_bf16 names layer kinds this model does not have: {sorted(keep - kinds)}; "
+                         f"its FP8 layer kinds are {sorted(kinds)}")
+    return lambda name, module: default_fp8_filter(name, module) and layer_kind(name) not in keep
 
 
 def fp8_state_dict_filter(key: str, tensor: torch.Tensor) -> bool:

@@ -26,8 +26,9 @@ only the image part goes through the all-to-all.
 **Why plain torch.distributed, not yunchang / xfuser** (the official release's xDiT path): those packages
 bring flash-attn and pinned torch/diffusers versions, and hide the two all-to-alls behind a generic
 ``LongContextAttention``. Here the whole mechanism is ~40 lines next to the model it parallelises, runs on
-gloo for CPU tests, and reuses hvlab's own attention (SDPA or flash-attn varlen) unchanged. What it does not
-do: Ring attention (for degrees above heads_num) and overlap of communication with compute.
+gloo for CPU tests, and reuses whatever kernel the blocks' ``attn_fn`` holds (hvlab's SDPA segments, or the
+FlashAttention-3 / FP8 attention that ``hvlab.fast.accelerate`` installs, before or after the wrap) unchanged.
+What it does not do: Ring attention (for degrees above heads_num) and overlap of communication with compute.
 
 Inference only (the collectives carry no autograd). Launch with ``torchrun``; see ``init_ulysses_from_env``
 and ``enable_ulysses`` for the pipeline and ``hvlab generate --ulysses-degree N``.
@@ -112,7 +113,7 @@ class UlyssesAttention:
     """
 
     def __init__(self, attn_fn, group=None):
-        self.attn_fn = attn_fn  # the block's original attention (hvlab.attention.attention by default)
+        self.attn_fn = attn_fn  # the block's kernel (hvlab.attention.attention, or accelerate's FastAttention)
         self.group = group
 
     def __call__(self, q, k, v, *, img_len: int, txt_lens: torch.Tensor | None = None) -> torch.Tensor:
@@ -256,12 +257,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _spawn_worker(rank: int, world_size: int, port: int, config, state_dict, inputs: dict, out_dir: str) -> None:
+def _spawn_worker(rank: int, world_size: int, port: int, config, state_dict, inputs: dict, out_dir: str,
+                  accelerate_kwargs: dict | None = None) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
     try:
         model = HYVideoDiffusionTransformer(config)
         model.load_state_dict(state_dict)
+        if accelerate_kwargs is not None:
+            from . import accelerate
+
+            accelerate(model, **accelerate_kwargs)  # before the wrap: Ulysses runs the chosen kernel inside
         with torch.no_grad(), UlyssesDiT(model.eval()) as sp:
             out = sp(**inputs)
         torch.save(out, Path(out_dir) / f"rank{rank}.pt")
@@ -269,13 +275,15 @@ def _spawn_worker(rank: int, world_size: int, port: int, config, state_dict, inp
         dist.destroy_process_group()
 
 
-def spawn_ulysses_forward(model: HYVideoDiffusionTransformer, inputs: dict, world_size: int) -> list[torch.Tensor]:
-    """Run ``UlyssesDiT(model)(**inputs)`` in ``world_size`` gloo CPU processes; returns every rank's output."""
+def spawn_ulysses_forward(model: HYVideoDiffusionTransformer, inputs: dict, world_size: int,
+                          accelerate_kwargs: dict | None = None) -> list[torch.Tensor]:
+    """Run ``UlyssesDiT(model)(**inputs)`` in ``world_size`` gloo CPU processes; returns every rank's output.
+    ``accelerate_kwargs``: each worker first calls ``hvlab.fast.accelerate(model, **accelerate_kwargs)``."""
     import torch.multiprocessing as mp
 
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_spawn_worker, args=(world_size, free_port(), model.config, state, inputs, tmp),
+        mp.spawn(_spawn_worker, args=(world_size, free_port(), model.config, state, inputs, tmp, accelerate_kwargs),
                  nprocs=world_size, join=True)
         return [torch.load(Path(tmp) / f"rank{r}.pt") for r in range(world_size)]
 
