@@ -209,7 +209,8 @@ def train_dit(args, device, gen, state, out, vae):
     scale = state.get("vae_scaling_factor") or float(1.0 / pool.float().std())
     llm, clip = build_text_encoders()
     llm.to(device), clip.to(device)
-    captions = data.world_captions(args.world) + [""]  # the last one is the dropped caption
+    # the pool's captions (at full size, nearly every caption of the world), the last one for dropout
+    captions = sorted(set(pool_caps)) + [""]
     with torch.no_grad():
         enc = llm.encode(captions, device=device)
         text, mask = enc.hidden_state.float(), enc.attention_mask
