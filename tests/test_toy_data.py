@@ -395,3 +395,180 @@ def test_saved_folder_loads_with_auto_tokenizer():
     assert auto(text)["input_ids"] == ours(text)["input_ids"]
     assert (auto.bos_token, auto.eos_token, auto.pad_token, auto.unk_token, auto.padding_side) == (
         "<|begin_of_text|>", "<|end_of_text|>", "<pad>", "<unk>", "right")
+
+
+# ----------------------------------------------------------------------------- two objects
+
+
+def test_pair_splits_follow_the_rule_and_keep_every_appearance_colour_and_shape_pair_trained():
+    assert len(data.ALL_PAIRS) == 2268 and len(data.HELDOUT_PAIRS) == 612 and len(data.TRAIN_PAIRS) == 1656
+    assert set(data.HELDOUT_PAIRS).isdisjoint(data.TRAIN_PAIRS)
+    assert set(data.HELDOUT_PAIRS) | set(data.TRAIN_PAIRS) == set(data.ALL_PAIRS)
+    train = set(data.TRAIN)
+    for a, b in data.ALL_PAIRS:  # seen triples only, differing in colour and in shape
+        assert a in train and b in train and a[0] != b[0] and a[1] != b[1]
+        expected = "heldout" if (a[0] + a[1] + b[0] + b[1]) % 4 == 0 else "train"
+        assert data.pair_split_of(a, b) == data.pair_split_of(b, a) == expected
+        assert (b, a) in data.ALL_PAIRS  # both caption orders
+    # held out: the appearances (colour, shape), whatever the directions: those two never share a training video
+    held_apps = {frozenset((a[:2], b[:2])) for a, b in data.HELDOUT_PAIRS}
+    train_apps = {frozenset((a[:2], b[:2])) for a, b in data.TRAIN_PAIRS}
+    assert len(held_apps) == 34 and len(held_apps | train_apps) == 126 and held_apps.isdisjoint(train_apps)
+    # composition: every appearance, colour pair and shape pair still occurs in training
+    assert {x for a, b in data.TRAIN_PAIRS for x in (a[:2], b[:2])} == {(c, s) for c in range(7) for s in range(3)}
+    assert {frozenset((a[0], b[0])) for a, b in data.TRAIN_PAIRS} == {frozenset((i, j)) for i in range(7)
+                                                                      for j in range(7) if i != j}
+    assert {frozenset((a[1], b[1])) for a, b in data.TRAIN_PAIRS} == {frozenset((i, j)) for i in range(3)
+                                                                      for j in range(3) if i != j}
+    with pytest.raises(ValueError, match="differ in colour and in shape"):
+        data.pair_split_of(("red", "circle", "left"), ("red", "square", "up"))
+    with pytest.raises(ValueError, match="seen triples only"):
+        data.pair_split_of(("red", "circle", "left"), ("green", "square", "up"))  # (1, 1, 2): held out
+    g = torch.Generator().manual_seed(0)
+    for split in ("train", "heldout"):
+        a = data.sample_pair_attributes(3000, g, split)
+        drawn = {tuple(map(tuple, p)) for p in torch.stack([a["colour"], a["shape"], a["direction"]], -1).tolist()}
+        assert drawn <= set(data.PAIR_SPLITS[split]) and len(drawn) > 0.8 * len(data.PAIR_SPLITS[split])
+
+
+def test_pair_captions_round_trip():
+    text = data.pair_caption(("red", "circle", "left"), (2, 1, 2))
+    assert text == "a red circle moving left and a blue square moving up"
+    assert data.parse_scene(text) == [("red", "circle", "left"), ("blue", "square", "up")]
+    assert data.parse_scene(" A Red circle moving LEFT ") == [("red", "circle", "left")]
+    with pytest.raises(ValueError, match="one or two objects, got 3"):
+        data.parse_scene(f"{text} and a green triangle moving down")
+    with pytest.raises(ValueError, match="unknown shape 'hexagon'"):
+        data.parse_scene("a red circle moving left and a blue hexagon moving up")
+    assert len(set(data.world_captions("two-object"))) == 63 + 1656
+    assert data.world_captions("one-object") == [data.caption(*t) for t in data.TRAIN]
+
+
+def test_pairs_stay_apart_inside_the_frame_and_render_as_the_two_objects_alone():
+    g = torch.Generator().manual_seed(11)
+    a = data.sample_pair_attributes(2000, g, "all")
+    gap = data.pair_gap(a["radius"], a["speed"], a["start_xy"], a["direction"])
+    assert float(gap.min()) >= data.PAIR_GAP
+    # the same, recomputed frame by frame from the boxes (every shape fits in its +-r box)
+    t = torch.arange(17.0)
+    centre = a["start_xy"][:, :, None] + t[None, None, :, None] * (
+        a["speed"][..., None, None] * data.DIRECTION_VECTORS[a["direction"]][:, :, None])  # (B, 2, F, 2)
+    r = a["radius"][..., None, None]
+    lo, hi = centre - r, centre + r
+    apart = torch.maximum(lo[:, 1] - hi[:, 0], lo[:, 0] - hi[:, 1]).amax(-1)  # (B, F): gap along x or y
+    assert float(apart.min()) >= data.PAIR_GAP - 1e-4
+    assert bool((lo >= data.MARGIN - 1e-4).all() and (hi <= 128 - data.MARGIN + 1e-4).all())
+    assert a["radius"].min() >= data.PAIR_RADIUS_RANGE[0] and a["radius"].max() <= data.PAIR_RADIUS_RANGE[1]
+    # a pair video is each object rendered alone, combined (they never touch, so max is exact)
+    a = {k: v[:12] for k, v in a.items()}
+    both = data.render_videos(a["colour"], a["shape"], a["direction"], radius=a["radius"], start_xy=a["start_xy"],
+                              speed=a["speed"])
+    alone = [data.render_videos(a["colour"][:, k], a["shape"][:, k], a["direction"][:, k], radius=a["radius"][:, k],
+                                start_xy=a["start_xy"][:, k], speed=a["speed"][:, k]) for k in range(2)]
+    assert torch.equal(both, torch.maximum(*alone))
+    assert bool(((alone[0] > -1) & (alone[1] > -1)).sum() == 0)  # disjoint, rims included
+    # deterministic per seed
+    v1, c1, _ = data.sample_batch(5, torch.Generator().manual_seed(3), "heldout", objects=2)
+    v2, c2, _ = data.sample_batch(5, torch.Generator().manual_seed(3), "heldout", objects=2)
+    assert torch.equal(v1, v2) and c1 == c2 and all(data.pair_split_of(*data.parse_scene(c)) == "heldout" for c in c1)
+    item = data.SyntheticShapes("heldout", length=4, seed=1, objects=2)[2]
+    assert item["video"].shape == (3, 17, 128, 128) and item["colour"].shape == (2,)
+    with pytest.raises(ValueError, match="objects must be 1 or 2"):
+        data.sample_batch(2, None, objects=3)
+    with pytest.raises(ValueError, match=r"start_xy must be \(2, 2, 2\)"):
+        data.render_videos(a["colour"][:2], a["shape"][:2], a["direction"][:2], radius=a["radius"][:2],
+                           start_xy=a["start_xy"][:2, 0], speed=a["speed"][:2])
+
+
+def test_world_batches_and_ground_truth_renders():
+    g = torch.Generator().manual_seed(0)
+    videos, captions = data.sample_world_batch(8, g, "two-object", pair_fraction=0.25)
+    assert videos.shape == (8, 3, 17, 128, 128)
+    assert [len(data.parse_scene(c)) for c in captions] == [1] * 6 + [2] * 2
+    _, one = data.sample_world_batch(4, g, "one-object")
+    assert all(" and " not in c for c in one)
+    with pytest.raises(ValueError, match="world must be one of one-object, two-object"):
+        data.sample_world_batch(2, g, "three-object")
+    caps = ["a red circle moving left and a blue square moving up", "a green triangle moving down"]
+    v = data.render_captions(caps, torch.Generator().manual_seed(1))
+    assert v.shape == (2, 3, 17, 128, 128)
+    scene = detector.detect_scene(v[0], caps[0])
+    assert [(d.colour, d.shape, d.direction) for d in scene] == data.parse_scene(caps[0])
+    d = detector.detect(v[1])
+    assert (d.colour, d.shape, d.direction) == ("green", "triangle", "down")
+    with pytest.raises(ValueError, match="differ in colour and in shape"):
+        data.render_captions(["a red circle moving left and a red square moving up"])
+
+
+@pytest.fixture(scope="module")
+def pair_samples():
+    g = torch.Generator().manual_seed(321)
+    parts = [data.sample_pair_attributes(30, g, split) for split in ("train", "heldout")]
+    attrs = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+    triples = torch.stack([attrs["colour"], attrs["shape"], attrs["direction"]], -1).tolist()
+    return attrs, [data.pair_caption(*p) for p in triples]
+
+
+def test_pair_detector_reads_clean_and_vae_like_videos(pair_samples):
+    attrs, captions = pair_samples
+    v = data.render_videos(attrs["colour"], attrs["shape"], attrs["direction"], radius=attrs["radius"],
+                           start_xy=attrs["start_xy"], speed=attrs["speed"])
+    scenes = [detector.detect_scene(video, c) for video, c in zip(v, captions)]
+    result = detector.score_scenes(scenes, captions)
+    assert (result["colour_acc"], result["shape_acc"], result["direction_acc"], result["all_acc"]) == (1, 1, 1, 1)
+    assert result["objects"] == 120 and [p["objects"] for p in result["by_position"]] == [60, 60]
+    # each object's mask is its own half-coverage region, from colour alone
+    for b in range(0, 60, 7):
+        for k, det in enumerate(scenes[b]):
+            alone = data.render_videos(attrs["colour"][b:b + 1, k], attrs["shape"][b:b + 1, k],
+                                       attrs["direction"][b:b + 1, k], radius=attrs["radius"][b:b + 1, k],
+                                       start_xy=attrs["start_xy"][b:b + 1, k], speed=attrs["speed"][b:b + 1, k])
+            half = ((alone[0] + 1) / 2).amax(dim=0) > 0.5
+            assert float((det.mask & half).sum() / (det.mask | half).sum()) > 0.95
+    g = torch.Generator().manual_seed(0)
+    dim = torch.arange(60) % 3 == 0
+    blurred = _vae_like(v, g, 1 - 0.5 * dim.float())
+    result = detector.score_scenes([detector.detect_scene(x, c) for x, c in zip(blurred, captions)], captions)
+    assert min(result["colour_acc"], result["shape_acc"], result["direction_acc"]) >= 0.98, result
+
+
+def test_pair_detector_assigns_by_colour_and_scores_missing_objects_as_wrong(pair_samples):
+    attrs, captions = pair_samples
+    b = 0
+    v = data.render_videos(attrs["colour"][b:b + 1], attrs["shape"][b:b + 1], attrs["direction"][b:b + 1],
+                           radius=attrs["radius"][b:b + 1], start_xy=attrs["start_xy"][b:b + 1],
+                           speed=attrs["speed"][b:b + 1])[0]
+    first, second = data.parse_scene(captions[b])
+    swapped = data.pair_caption(second, first)  # the same video, objects named in the other order
+    scene = detector.detect_scene(v, swapped)
+    assert [(d.colour, d.shape, d.direction) for d in scene] == [second, first]
+    # one object only: the other caption object gets None and scores wrong on all three attributes
+    alone = data.render_videos(attrs["colour"][b:b + 1, 0], attrs["shape"][b:b + 1, 0], attrs["direction"][b:b + 1, 0],
+                               radius=attrs["radius"][b:b + 1, 0], start_xy=attrs["start_xy"][b:b + 1, 0],
+                               speed=attrs["speed"][b:b + 1, 0])[0]
+    scene = detector.detect_scene(alone, captions[b])
+    assert scene[1] is None and (scene[0].colour, scene[0].shape) == first[:2]
+    r = detector.score_scenes([scene], [captions[b]])
+    assert (r["colour_acc"], r["shape_acc"], r["direction_acc"], r["all_acc"]) == (0.5, 0.5, 0.5, 0.0)
+    # a wrong colour still leaves its shape and direction to be scored: the odd one out takes the leftover slot
+    dets = [detector.Detection("cyan", "square", "up"), detector.Detection("red", "circle", "left")]
+    aligned = detector.assign_by_colour(dets, [("red", "circle", "left"), ("blue", "square", "up")])
+    assert [d.colour for d in aligned] == ["red", "cyan"]
+    r = detector.score_scenes([aligned], ["a red circle moving left and a blue square moving up"])
+    assert (r["colour_acc"], r["shape_acc"], r["direction_acc"]) == (0.5, 1.0, 1.0)
+    assert r["by_position"][1] == dict(colour_acc=0.0, shape_acc=1.0, direction_acc=1.0, objects=1)
+    assert detector.detect_objects(torch.full((3, 17, 128, 128), -1.0)) == []
+    with pytest.raises(ValueError, match="has 2 objects but its scene lists 1"):
+        detector.score_scenes([[None]], [captions[0]])
+
+
+def test_tokenizer_reads_two_object_captions_whole():
+    from hvlab.toy.model import TOY_LLM
+
+    tok = toy_tok.load_toy_tokenizer()
+    assert "and" in tok.get_vocab()  # part of the vocabulary since the first build: no id moved
+    for text in data.world_captions("two-object")[::97] + [data.pair_caption(*data.HELDOUT_PAIRS[0])]:
+        ids = tok(text)["input_ids"]
+        assert tok.unk_token_id not in ids and tok.convert_ids_to_tokens(ids[1:]) == text.split()
+        # the prompt and the template's closing <|eot_id|> fit in the LLM's max_length: nothing truncated
+        assert len(ids) - 1 + 1 <= TOY_LLM["max_length"]

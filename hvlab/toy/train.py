@@ -2,6 +2,8 @@
 
     python -m hvlab.toy.train --out runs/toy                 # both phases, then export
     python -m hvlab.toy.train --out runs/toy --resume        # continue from runs/toy/state.pt
+    python -m hvlab.toy.train --world two-object --init-from hvlab/toy/weights --out runs/toy2 \
+        --vae-minutes 5 --dit-minutes 10                     # the two-object world, warm-started
 
 Phase 1 trains the causal 3D VAE on rendered clips (reconstruction loss weighted towards the object,
 plus a tiny KL). Phase 2 encodes a pool of training videos once, then trains the DiT on them with
@@ -14,6 +16,12 @@ Everything is seeded: data, initialisation and caption dropout come from one see
 not bitwise deterministic, so a re-run reproduces the model's quality, not its exact bits.
 ``--vae-minutes`` / ``--dit-minutes`` size a phase to a time budget by timing its first steps (the
 summary records the step counts reached, so the run can then be repeated with fixed ``--*-steps``).
+
+``--world two-object`` trains on a mix of one-object clips and two-object clips (``--pair-fraction``
+of every batch, from `data.TRAIN_PAIRS`); the DiT learns every caption of that world. After the VAE
+phase, ``--vae-check`` rendered two-object videos go through the VAE and the detector, so the summary
+says whether the VAE keeps both objects (the one-object VAE shipped before loses the second object in
+about half of them).
 """
 from __future__ import annotations
 
@@ -147,7 +155,7 @@ def train_vae(args, device, gen, state, out):
     while not loop.done():
         lr = loop.lr()
         set_lr(opt, lr)
-        videos, _, _ = data.sample_batch(args.vae_batch, gen, split="train", device=device)
+        videos, _ = data.sample_world_batch(args.vae_batch, gen, args.world, device, pair_fraction=args.pair_fraction)
         videos = videos[:, :, : args.vae_frames]
         with torch.autocast(**amp):
             loss, rec = vae_loss(vae, videos, gen, args.kl_weight)
@@ -164,12 +172,30 @@ def train_vae(args, device, gen, state, out):
 
 
 @torch.no_grad()
-def build_latent_pool(vae, n, gen, device, batch=128):
-    """Encode ``n`` training videos once (posterior means); the DiT then trains on the pool."""
+def vae_check(vae, n: int, device, seed: int = 7) -> dict:
+    """Detector scores of ``n`` rendered two-object training videos after encoding and decoding (own seed:
+    the training stream is untouched). 100% means the VAE keeps both objects legible."""
+    from .detector import detect_scene, score_scenes
+
+    amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    gen = torch.Generator(device=device).manual_seed(seed)
+    videos, captions, _ = data.sample_batch(n, gen, "train", device, objects=2)
+    scenes = []
+    for s in range(0, n, 16):
+        with torch.autocast(**amp):
+            rec = vae.decode(vae.encode(videos[s:s + 16]).mean).float().clamp(-1, 1).cpu()
+        scenes += [detect_scene(v, c) for v, c in zip(rec, captions[s:s + 16])]
+    result = score_scenes(scenes, captions)
+    return {k: result[k] for k in ("colour_acc", "shape_acc", "direction_acc", "all_acc", "n")}
+
+
+@torch.no_grad()
+def build_latent_pool(vae, n, gen, device, batch=128, world="one-object", pair_fraction=0.5):
+    """Encode ``n`` training videos of the world once (posterior means); the DiT then trains on the pool."""
     amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     zs, caps = [], []
     for s in range(0, n, batch):
-        videos, c, _ = data.sample_batch(min(batch, n - s), gen, split="train", device=device)
+        videos, c = data.sample_world_batch(min(batch, n - s), gen, world, device, pair_fraction=pair_fraction)
         with torch.autocast(**amp):
             zs.append(vae.encode(videos).mean.to(torch.bfloat16))
         caps += c
@@ -178,16 +204,19 @@ def build_latent_pool(vae, n, gen, device, batch=128):
 
 def train_dit(args, device, gen, state, out, vae):
     amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    pool, pool_caps = build_latent_pool(vae, args.pool, gen, device)
+    pool, pool_caps = build_latent_pool(vae, args.pool, gen, device, world=args.world,
+                                        pair_fraction=args.pair_fraction)
     scale = state.get("vae_scaling_factor") or float(1.0 / pool.float().std())
     llm, clip = build_text_encoders()
     llm.to(device), clip.to(device)
-    captions = [data.caption(*a) for a in data.TRAIN] + [""]  # the last one is the dropped caption
+    # the pool's captions (at full size, nearly every caption of the world), the last one for dropout
+    captions = sorted(set(pool_caps)) + [""]
     with torch.no_grad():
         enc = llm.encode(captions, device=device)
         text, mask = enc.hidden_state.float(), enc.attention_mask
         pooled = clip.encode(captions, device=device).hidden_state.float()
-    cap_ids = torch.tensor([captions.index(c) for c in pool_caps], device=device)
+    index = {c: i for i, c in enumerate(captions)}
+    cap_ids = torch.tensor([index[c] for c in pool_caps], device=device)
 
     dit = HYVideoDiffusionTransformer(PRESETS["toy"]).to(device)
     if args.init_from and "dit" not in state:
@@ -232,7 +261,8 @@ def train_dit(args, device, gen, state, out, vae):
         if loop.step % args.save_every == 0 or loop.done():
             save_state(out / "state.pt", dict(
                 vae=vae.state_dict(), vae_step=state.get("vae_step"), vae_seconds=state.get("vae_seconds"),
-                vae_total=state.get("vae_total"), vae_scaling_factor=scale, dit=dit.state_dict(),
+                vae_total=state.get("vae_total"), vae_check=state.get("vae_check"), vae_scaling_factor=scale,
+                dit=dit.state_dict(),
                 ema=ema.state_dict(), dit_opt=opt.state_dict(), dit_step=loop.step, dit_total=loop.total,
                 dit_seconds=loop.seconds, gen=gen.get_state()))
     loop.finish()
@@ -251,16 +281,22 @@ def train(args) -> dict:
         gen.set_state(state["gen"])
     vae, vloop = train_vae(args, device, gen, state, out)
     state.update(vae_step=vloop.step, vae_total=vloop.total, vae_seconds=vloop.seconds)
+    check = state.get("vae_check")
+    if check is None and args.vae_check and args.world == "two-object":
+        check = vae_check(vae, args.vae_check, device)
+        print(f"[vae] two-object reconstructions read back: {check}", flush=True)
+    state["vae_check"] = check
     dit, llm, clip, scale, dloop = train_dit(args, device, gen, state, out, vae)
     summary = dict(
         command="python -m hvlab.toy.train " + " ".join(
             f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
-            if k not in ("resume", "out", "device", "vae_minutes", "dit_minutes", "vae_steps", "dit_steps")
+            if k not in ("resume", "out", "device", "vae_minutes", "dit_minutes", "vae_steps", "dit_steps", "vae_check")
             and v is not None),
         vae_steps=vloop.step, vae_seconds=round(vloop.seconds, 1), dit_steps=dloop.step,
         dit_seconds=round(dloop.seconds, 1), vae_scaling_factor=scale,
         device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", torch=torch.__version__,
-        dit_params=sum(p.numel() for p in dit.parameters()), vae_params=sum(p.numel() for p in vae.parameters()))
+        dit_params=sum(p.numel() for p in dit.parameters()), vae_params=sum(p.numel() for p in vae.parameters()),
+        world=args.world, vae_two_object_check=check)
     summary["command"] += f" --vae-steps {vloop.step} --dit-steps {dloop.step}"
     export(out / "weights", dit, vae, llm, clip, scale, summary)
     plot_losses(out)
@@ -318,6 +354,11 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true")
     p.add_argument("--init-from", default=None, help="warm start: a folder of exported toy weights")
+    p.add_argument("--world", choices=data.WORLDS, default="one-object",
+                   help="two-object: mix one- and two-object clips (see hvlab.toy.data)")
+    p.add_argument("--pair-fraction", type=float, default=0.5, help="share of two-object clips (two-object world)")
+    p.add_argument("--vae-check", type=int, default=64, metavar="N",
+                   help="two-object videos read back through the trained VAE (two-object world; 0: skip)")
     p.add_argument("--vae-steps", type=int, default=3000)
     p.add_argument("--vae-minutes", type=float, default=None, help="size the VAE phase to this budget")
     p.add_argument("--vae-batch", type=int, default=8)
