@@ -180,16 +180,16 @@ def test_word_positions_and_the_command_line_checks():
     kind, fn = ev._load_source("cross=hvlab.toy.evaluate:cross_attention_source")
     assert kind == "cross" and fn is ev.CrossAttentionWords
     with pytest.raises(ValueError, match="KIND=package.module:callable"):
-        ev._load_source("concept")
+        ev._load_source("sparkle")
     with pytest.raises(SystemExit, match="add --world two-object"):
         ev.main(["--maps", "cross"])
-    with pytest.raises(SystemExit, match=r"unknown map kind\(s\) \['concept'\]"):
-        ev.main(["--world", "two-object", "--maps", "concept"])
+    with pytest.raises(SystemExit, match=r"unknown map kind\(s\) \['sparkle'\]"):
+        ev.main(["--world", "two-object", "--maps", "sparkle"])
 
 
 def test_cross_attention_source_returns_the_recorders_maps_of_each_objects_words():
-    from hvlab.hooks import AttentionRecorder
-    from hvlab.pipeline import random_pipeline
+    from hvlab.inspection import AttentionRecorder
+    from hvlab.toy.model import random_toy_pipeline as random_pipeline
 
     pipe = random_pipeline("tiny", seed=0)
     prompts = ["a red circle moving left and a blue square moving up", "a green triangle moving down and a "
@@ -209,3 +209,23 @@ def test_cross_attention_source_returns_the_recorders_maps_of_each_objects_words
             for r, pos in enumerate((c, s, d)):
                 assert words[pos] == data.parse_scene(prompt)[k][r]
                 torch.testing.assert_close(got[:, :, k, r], maps.maps[:, :, 0, pos], atol=0, rtol=0)
+
+
+def test_concept_source_picks_each_objects_own_words_from_the_concept_maps():
+    from hvlab.inspection import ConceptRecorder
+    from hvlab.toy.model import random_toy_pipeline
+
+    pipe = random_toy_pipeline("tiny", seed=0)
+    prompt = "a red circle moving left and a blue square moving up"
+    blocks, steps = [("single", 0)], [1]
+    src = ev.concept_source(pipe, [prompt], blocks, steps)
+    with src:
+        pipe(prompt, seed=0, num_inference_steps=3)
+    with ConceptRecorder(pipe, src.vocabulary, steps=steps, blocks=blocks) as rec:
+        pipe(prompt, seed=0, num_inference_steps=3)
+    got = src.word_maps(0, prompt)  # (S, K, 2 objects, 3 roles, T, h, w)
+    ref = rec.maps(softmax=True).maps[:, :, 0]
+    assert got.shape[:4] == (1, 1, 2, 3)
+    for k, words in enumerate([("red", "circle", "left"), ("blue", "square", "up")]):
+        for r, w in enumerate(words):
+            torch.testing.assert_close(got[:, :, k, r], ref[:, :, src.vocabulary.index(w)], atol=0, rtol=0)

@@ -5,8 +5,8 @@ synthetic-data detector (colour, shape, direction of motion from the decoded fra
     python -m hvlab.toy.evaluate --weights runs/toy/weights --device cuda --out runs/toy/eval.json
     python -m hvlab.toy.evaluate --world two-object   # and 40 held-out two-object prompts, per object
     python -m hvlab.toy.evaluate --world two-object --maps cross --out eval2.json   # and word-map binding
-    python -m hvlab.toy.evaluate --world two-object --maps cross concept \\
-        --map-source concept=some.module:factory      # another kind of map, from a recorder made elsewhere
+    python -m hvlab.toy.evaluate --world two-object --maps cross concept   # both kinds of map
+    python -m hvlab.toy.evaluate --world two-object --maps mine --map-source mine=some.module:factory
 
 Held-out prompts are attribute combinations never seen in training (``data.HELDOUT``); held-out pairs
 are two seen objects never shown together (``data.HELDOUT_PAIRS``): scoring them tests composition,
@@ -19,7 +19,7 @@ shape and direction word's map lands on its own object (`hvlab.toy.map_metrics`)
 manager around one ``pipe(prompts, ...)`` call and then answers ``word_maps(sample, prompt)`` with a
 tensor (len(steps), len(blocks), n_objects, 3, T, h, w): the maps of each object's colour, shape and
 direction word on the post-patch grid. `cross_attention_source` is the built-in "cross" kind (video
-queries on text keys, heads averaged, subword tokens summed per word, `hvlab.hooks.AttentionRecorder`).
+queries on text keys, heads averaged, subword tokens summed per word, `hvlab.inspection.AttentionRecorder`).
 The block and step are chosen on `--n-select` selection prompts (held-out pairs, other prompts and
 seeds than the reported ones), then the reported prompts are scored at that block and step.
 """
@@ -86,7 +86,7 @@ class CrossAttentionWords:
     """The "cross" map source: text-as-key cross-attention per word, mean of heads (`AttentionRecorder`)."""
 
     def __init__(self, pipe, prompts, blocks, steps):
-        from ..hooks import AttentionRecorder
+        from ..inspection import AttentionRecorder
 
         self.recorder = AttentionRecorder(pipe, steps=steps, blocks=blocks, reduce_heads="mean")
         self.steps = sorted(steps)  # the recorder's order
@@ -108,8 +108,37 @@ class CrossAttentionWords:
         return m.unflatten(2, (len(pos), len(map_metrics.ROLES)))
 
 
+class ConceptWords:
+    """The "concept" map source: output-space concept maps (`hvlab.inspection.ConceptRecorder`) for every
+    colour, shape and direction word of the toy's vocabulary at once, softmax over those concepts; each
+    object's words pick their own rows."""
+
+    def __init__(self, pipe, prompts, blocks, steps):
+        from ..inspection import ConceptRecorder
+
+        self.vocabulary = list(data.COLOURS) + list(data.SHAPES) + list(data.DIRECTIONS)
+        self.recorder = ConceptRecorder(pipe, self.vocabulary, steps=steps, blocks=blocks)
+        self.steps = sorted(steps)
+
+    def __enter__(self):
+        self.recorder.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.recorder.__exit__(*exc)
+
+    def word_maps(self, sample: int, prompt: str) -> torch.Tensor:
+        maps = self.recorder.maps(sample=sample, softmax=True)  # (S, K, 1, N concepts, T, h, w)
+        if maps.steps != self.steps:
+            raise ValueError(f"recorded steps {maps.steps} do not match {self.steps}")
+        objects = data.parse_scene(prompt)  # [(colour, shape, direction), ...]
+        idx = [self.vocabulary.index(w) for obj in objects for w in obj]
+        return maps.maps[:, :, 0, idx].unflatten(2, (len(objects), len(map_metrics.ROLES)))
+
+
 cross_attention_source = CrossAttentionWords
-MAP_SOURCES = {"cross": cross_attention_source}
+concept_source = ConceptWords
+MAP_SOURCES = {"cross": cross_attention_source, "concept": concept_source}
 
 
 def all_blocks(pipe) -> list[tuple[str, int]]:

@@ -1,14 +1,14 @@
 """Does a word's heat map land on its own object? Scores for the word maps of two-object toy videos.
 
 Inputs are plain tensors, so any kind of map can be scored the same way (cross-attention maps from
-`hvlab.hooks.AttentionRecorder`, output-space concept maps, a hand-made map in a test):
+`hvlab.inspection.AttentionRecorder`, output-space concept maps, a hand-made map in a test):
 
 * a word's map on the post-patch grid, (T, h, w) — 5 x 8 x 8 for the toy, one cell per 16 x 16 px;
 * the object's mask per video frame, (F, H, W) bool — `Detection.mask` from
   `hvlab.toy.detector.detect_objects`.
 
 Video frame f shows latent frame ceil(f / r), r = (F - 1) / (T - 1) (the causal VAE's grouping, as in
-`hvlab.hooks.upsample_to_video`), so every score is counted per video frame, over the frames that show
+`hvlab.inspection.upsample_to_video`), so every score is counted per video frame, over the frames that show
 every object of the video (`binding_scores`).
 
 * **coverage** of a cell: the share of its pixels inside the mask.
@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..hooks import upsample_to_video
+from ..inspection import upsample_to_video
 
 ROLES = ("colour", "shape", "direction")  # the words of each object, in this order on the role axis
 
