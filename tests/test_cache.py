@@ -280,7 +280,7 @@ def test_defaults_and_misuse_are_explained():
 
 
 def test_attention_recording_is_refused_with_a_cache():
-    from hvlab.inspection.hooks import AttentionRecorder
+    from hvlab.inspection import AttentionRecorder
 
     pipe = random_pipeline("tiny")
     with StepCache(pipe, "teacache", 0.1), AttentionRecorder(pipe, steps=[1]):

@@ -39,7 +39,7 @@ from typing import Sequence
 import torch
 
 from .. import attention as _attention
-from ..attention import _check, valid_lengths
+from ..attention import _check, segment_bounds, valid_lengths
 
 KINDS = ("auto", "fa3", "sdpa", "fp8")
 FA3_MODULES = ("fa3_fwd_interface", "flash_attn_interface")  # the fa3-fwd wheel, flash-attn's Hopper build
@@ -111,10 +111,9 @@ def cu_seqlens(lengths: Sequence[int], L: int) -> tuple[list[int], int]:
     if L < 1 or any(not 0 <= n <= L for n in lengths):
         raise ValueError(f"lengths must lie in [0, L = {L}], got {list(lengths)}")
     bounds = [0]
-    for b, n in enumerate(lengths):
-        for end in (b * L + n, (b + 1) * L):  # the real segment, then the padding segment
-            if end > bounds[-1]:
-                bounds.append(end)
+    for end in segment_bounds(list(lengths), L)[1:]:  # each sample's real segment, then its padding segment
+        if end > bounds[-1]:
+            bounds.append(end)
     return bounds, max(e - s for s, e in zip(bounds, bounds[1:]))
 
 

@@ -46,7 +46,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..attention import _check, _segments_sdpa, attention_scores, valid_lengths
+from ..attention import _check, _segments_sdpa, attention_scores, segment_bounds, valid_lengths
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
@@ -120,9 +120,8 @@ class Tiles:
 
 
 def segment_tiles(lengths: list[int], L: int, block: int, device=None) -> Tiles:
-    from .attention import cu_seqlens  # the one definition of the segment bounds
-
-    bounds, longest = cu_seqlens(lengths, L)
+    bounds = segment_bounds(list(lengths), L)  # the one definition of the segment bounds (empty ones make no tile)
+    longest = max(e - a for a, e in zip(bounds, bounds[1:]))
     start, end, first = [], [], []
     for a, e in zip(bounds, bounds[1:]):
         f = len(start)
