@@ -72,7 +72,8 @@ def generate(pipe, prompts: list[str], seed: int, batch: int, mode: str | None, 
             with StepCache(pipe, mode, threshold) as cache:
                 out = pipe(chunk, seed=seed + s)
             steps = cache.stats.computed_steps()
-            forwards += [sum(len(steps.get(f"{kind} {b}", ())) for kind in ("uncond", "cond")) for b in range(len(chunk))]
+            forwards += [sum(len(steps.get(f"{kind} {b}", ())) for kind in ("uncond", "cond"))
+                         for b in range(len(chunk))]
         videos.append(out.videos)
     return torch.cat(videos), forwards, time.process_time() - t0
 
