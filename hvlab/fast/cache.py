@@ -175,7 +175,8 @@ class StepCache:
         if coefficients is not None:
             coefficients = tuple(coefficients)
             if not coefficients or not all(isinstance(c, (int, float)) and math.isfinite(c) for c in coefficients):
-                raise ValueError(f"coefficients must be finite numbers, highest power first, or None, got {coefficients!r}")
+                raise ValueError(f"coefficients must be finite numbers, highest power first, or None, "
+                                 f"got {coefficients!r}")
         self.mode, self.threshold, self.coefficients = mode, threshold, coefficients
         self.pipe = target if hasattr(target, "transformer") else None
         self._target = None if self.pipe is not None else target

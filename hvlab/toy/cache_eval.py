@@ -72,7 +72,8 @@ def generate(pipe, prompts: list[str], seed: int, batch: int, mode: str | None, 
             with StepCache(pipe, mode, threshold) as cache:
                 out = pipe(chunk, seed=seed + s)
             steps = cache.stats.computed_steps()
-            forwards += [sum(len(steps.get(f"{kind} {b}", ())) for kind in ("uncond", "cond")) for b in range(len(chunk))]
+            forwards += [sum(len(steps.get(f"{kind} {b}", ())) for kind in ("uncond", "cond"))
+                         for b in range(len(chunk))]
         videos.append(out.videos)
     return torch.cat(videos), forwards, time.process_time() - t0
 
@@ -147,14 +148,15 @@ def _write(path: str, results: dict) -> None:
     os.replace(tmp, path)  # a reader never sees half a file
 
 
-HEADER = ("| cache | threshold | DiT forwards / video | fewer forwards | PSNR mean (min) dB | colour | shape | "
-          "direction | all three | attributes vs uncached |\n|---|---|---|---|---|---|---|---|---|---|")
+HEADER = ("| cache | threshold | DiT forwards / video | fewer forwards | PSNR mean (min) dB | videos >= 30 dB | colour | "
+          "shape | direction | all three | attributes vs uncached |\n|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def format_row(r: dict) -> str:
     p = f"{r['psnr_mean']:.1f} ({r['psnr_min']:.1f})" if "psnr_mean" in r else "(reference)"
+    ok = f"{sum(v['psnr'] >= 30 for v in r['videos'])} / {len(r['videos'])}" if "psnr_mean" in r else "-"
     th = "-" if r["threshold"] is None else f"{r['threshold']:g}"
-    return (f"| {r['mode']} | {th} | {r['forwards_per_video']:.1f} | {r['forward_ratio']:.2f}x | {p} | "
+    return (f"| {r['mode']} | {th} | {r['forwards_per_video']:.1f} | {r['forward_ratio']:.2f}x | {p} | {ok} | "
             f"{r['colour_acc']:.1%} | {r['shape_acc']:.1%} | {r['direction_acc']:.1%} | {r['all_acc']:.1%} | "
             f"{r['attribute_acc_change_points']:+.1f} pt |")
 
