@@ -143,6 +143,19 @@ def test_auto_on_hopper_with_fa3_runs_fa3_and_elsewhere_sdpa_silently(hopper):
     assert FastAttention("sdpa").choose(q) == "sdpa" and FastAttention("fp8").choose(q) == "fp8"
 
 
+def test_training_never_reaches_the_forward_only_kernels(hopper):
+    fake = FakeVarlen()
+    hopper.setattr(FA, "_fa3_func", fake)
+    q, k, v = (t.requires_grad_() for t in qkv(1, dtype=torch.bfloat16))
+    assert FastAttention("auto").choose(q) == "sdpa"
+    FastAttention("auto")(q, k, v, img_len=IMG).float().sum().backward()
+    assert not fake.calls and q.grad is not None
+    with pytest.raises(ValueError, match="runs forward only"):
+        FastAttention("fa3")(q, k, v, img_len=IMG)
+    with torch.no_grad():
+        assert FastAttention("auto").choose(q) == "fa3"
+
+
 def test_fa3_asked_for_where_it_cannot_run_names_the_reason(hopper):
     hopper.setattr(FA, "_fa3_func", FakeVarlen())
     q, k, v = qkv(1, dtype=torch.bfloat16)

@@ -155,9 +155,17 @@ class FastAttention:
         self.kind, self.recipe = kind, recipe
 
     def choose(self, q: torch.Tensor) -> str:
-        """"fa3", "sdpa" or "fp8" for a call on ``q``; raises where ``kind="fa3"`` cannot run."""
+        """"fa3", "sdpa" or "fp8" for a call on ``q``; raises where ``kind="fa3"`` cannot run.
+
+        Under autograd (training) "auto" takes SDPA: the fa3-fwd wheel has no backward pass.
+        """
         if self.kind in ("sdpa", "fp8"):
             return self.kind
+        if torch.is_grad_enabled() and q.requires_grad:
+            if self.kind == "fa3":
+                raise ValueError("attention='fa3' runs forward only (inference); use attention='auto' or 'sdpa' "
+                                 "to train")
+            return "sdpa"
         ok, reason = fa3_serves(q)
         if ok:
             return "fa3"
@@ -175,6 +183,8 @@ class FastAttention:
             from .fp8_attention import fp8_attention, fp8_attention_triton, triton_serves
 
             ok, reason = triton_serves(q, self.recipe)
+            if ok and torch.is_grad_enabled() and q.requires_grad:
+                ok, reason = False, "the Triton kernel has no backward pass; the emulation is differentiable"
             if ok:
                 return fp8_attention_triton(q, k, v, img_len=img_len, txt_lens=txt_lens, recipe=self.recipe)
             if q.is_cuda:  # the emulation is exact to the recipe but builds fp32 score tiles: slow on a GPU
