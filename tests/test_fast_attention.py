@@ -272,9 +272,10 @@ def test_recorders_wrap_the_fast_attention_and_are_refused_underneath():
             recorded = model(*inp)
         assert torch.equal(recorded, fp8_out) and rec.records  # the recorder sees the fp8 model, changes nothing
         restore(model)
-        with AttentionRecorder(model, blocks=[("double", 0)]):
+        with AttentionRecorder(model, blocks=[("single", 0)]):
             with pytest.raises(ValueError, match="attach recorders after accelerate"):
                 accelerate(model, attention="fp8")
+            assert model.double_blocks[0].attn_fn is A.attention  # refused before any block changed
 
 
 # ----------------------------------------------------------------------------------------- FP8 maths

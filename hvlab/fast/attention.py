@@ -213,21 +213,25 @@ def _innermost(fn):
             return holder, fn
 
 
-def install(block, fn: FastAttention) -> None:
+def install(block, fn: FastAttention, check_only: bool = False) -> None:
     """Make ``fn`` the kernel under ``block.attn_fn``, keeping the wrappers above it (Ulysses, recorders).
 
     A recorder's wrapper holds its kernel in a closure; then the FastAttention already inside it takes
     ``fn``'s settings. Anything else (a custom attn_fn) is refused rather than silently replaced.
+    ``check_only``: raise if it would be refused, change nothing (accelerate checks every block first).
     """
     top = block.attn_fn
     if isinstance(top, FastAttention) or top is _attention.attention:
-        block.attn_fn = fn
+        if not check_only:
+            block.attn_fn = fn
         return
     holder, inner = _innermost(top)
     if isinstance(inner, FastAttention) and holder is None:
-        inner.kind, inner.recipe = fn.kind, fn.recipe
+        if not check_only:
+            inner.kind, inner.recipe = fn.kind, fn.recipe
     elif holder is not None and (isinstance(inner, FastAttention) or inner is _attention.attention):
-        holder.attn_fn = fn
+        if not check_only:
+            holder.attn_fn = fn
     else:
         raise ValueError(f"{type(block).__name__}.attn_fn is {top!r}, which accelerate does not know how to "
                          "reach into (attach recorders after accelerate, or pass attention=None to leave it)")
