@@ -158,9 +158,20 @@ def ssim(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(s.mean())
 
 
-def generate(pipe, prompts: list[str], batch: int, seed: int) -> torch.Tensor:
-    """hvlab.toy.evaluate's loop: batches of ``batch`` prompts, seeds seed + s, videos (N, 3, F, H, W)."""
-    return torch.cat([pipe(prompts[s:s + batch], seed=seed + s).videos for s in range(0, len(prompts), batch)])
+def generate(pipe, prompts: list[str], batch: int, seed: int, cache: str | None = None) -> torch.Tensor:
+    """hvlab.toy.evaluate's loop: batches of ``batch`` prompts, seeds seed + s, videos (N, 3, F, H, W).
+    With ``cache`` (a path prefix), each batch is saved as it is done and found again by a rerun."""
+    out = []
+    for s in range(0, len(prompts), batch):
+        path = None if cache is None else f"{cache}_from{s}_n{len(prompts[s:s + batch])}.pt"
+        if path is not None and os.path.exists(path):
+            out.append(torch.load(path))
+            continue
+        out.append(pipe(prompts[s:s + batch], seed=seed + s).videos)
+        if path is not None:
+            torch.save(out[-1], path + ".tmp")
+            os.replace(path + ".tmp", path)
+    return torch.cat(out)
 
 
 def part_videos(recipe, n: int, batch: int, seed: int, out_dir: str) -> dict:
@@ -180,12 +191,14 @@ def part_videos(recipe, n: int, batch: int, seed: int, out_dir: str) -> dict:
         torch.save(exact, cache + ".tmp")
         os.replace(cache + ".tmp", cache)
     t_exact = time.perf_counter() - t0
+    tag = "".join(c if c.isalnum() else "_" for c in str(recipe))[:80]
     blocks = [b for _, _, b in _blocks(pipe.transformer)]
     for b in blocks:  # only attention changes: the reference blocks keep their own maths
         install(b, FastAttention("fp8", recipe))
     try:
         t0 = time.perf_counter()
-        approx = {split: generate(pipe, p, batch, seed) for split, p in prompts.items()}
+        approx = {split: generate(pipe, p, batch, seed, os.path.join(out_dir, f"toy_fp8_{tag}_{split}_s{seed}"))
+                  for split, p in prompts.items()}  # batch by batch on disk: a stopped run resumes
         t_fp8 = time.perf_counter() - t0
     finally:
         for b in blocks:

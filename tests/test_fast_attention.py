@@ -143,6 +143,19 @@ def test_auto_on_hopper_with_fa3_runs_fa3_and_elsewhere_sdpa_silently(hopper):
     assert FastAttention("sdpa").choose(q) == "sdpa" and FastAttention("fp8").choose(q) == "fp8"
 
 
+def test_training_never_reaches_the_forward_only_kernels(hopper):
+    fake = FakeVarlen()
+    hopper.setattr(FA, "_fa3_func", fake)
+    q, k, v = (t.requires_grad_() for t in qkv(1, dtype=torch.bfloat16))
+    assert FastAttention("auto").choose(q) == "sdpa"
+    FastAttention("auto")(q, k, v, img_len=IMG).float().sum().backward()
+    assert not fake.calls and q.grad is not None
+    with pytest.raises(ValueError, match="runs forward only"):
+        FastAttention("fa3")(q, k, v, img_len=IMG)
+    with torch.no_grad():
+        assert FastAttention("auto").choose(q) == "fa3"
+
+
 def test_fa3_asked_for_where_it_cannot_run_names_the_reason(hopper):
     hopper.setattr(FA, "_fa3_func", FakeVarlen())
     q, k, v = qkv(1, dtype=torch.bfloat16)
@@ -259,9 +272,10 @@ def test_recorders_wrap_the_fast_attention_and_are_refused_underneath():
             recorded = model(*inp)
         assert torch.equal(recorded, fp8_out) and rec.records  # the recorder sees the fp8 model, changes nothing
         restore(model)
-        with AttentionRecorder(model, blocks=[("double", 0)]):
+        with AttentionRecorder(model, blocks=[("single", 0)]):
             with pytest.raises(ValueError, match="attach recorders after accelerate"):
                 accelerate(model, attention="fp8")
+            assert model.double_blocks[0].attn_fn is A.attention  # refused before any block changed
 
 
 # ----------------------------------------------------------------------------------------- FP8 maths

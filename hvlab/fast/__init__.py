@@ -82,6 +82,8 @@ def accelerate(model: nn.Module, *, fused: bool | str = True, chunk_tokens: int 
         raise ValueError(f"accelerate found no DiT block in {type(model).__name__}: it expects a "
                          "HYVideoDiffusionTransformer (or a module holding MMDoubleStreamBlock / MMSingleStreamBlock)")
     if attn is not None:
+        for m in blocks:  # refuse before changing anything
+            install(m, attn, check_only=True)
         for m in blocks:  # one FastAttention shared by the blocks: one place for the setting
             install(m, attn)
     for m in blocks:

@@ -154,9 +154,17 @@ class FastAttention:
         self.kind, self.recipe = kind, recipe
 
     def choose(self, q: torch.Tensor) -> str:
-        """"fa3", "sdpa" or "fp8" for a call on ``q``; raises where ``kind="fa3"`` cannot run."""
+        """"fa3", "sdpa" or "fp8" for a call on ``q``; raises where ``kind="fa3"`` cannot run.
+
+        Under autograd (training) "auto" takes SDPA: the fa3-fwd wheel has no backward pass.
+        """
         if self.kind in ("sdpa", "fp8"):
             return self.kind
+        if torch.is_grad_enabled() and q.requires_grad:
+            if self.kind == "fa3":
+                raise ValueError("attention='fa3' runs forward only (inference); use attention='auto' or 'sdpa' "
+                                 "to train")
+            return "sdpa"
         ok, reason = fa3_serves(q)
         if ok:
             return "fa3"
@@ -174,6 +182,8 @@ class FastAttention:
             from .fp8_attention import fp8_attention, fp8_attention_triton, triton_serves
 
             ok, reason = triton_serves(q, self.recipe)
+            if ok and torch.is_grad_enabled() and q.requires_grad:
+                ok, reason = False, "the Triton kernel has no backward pass; the emulation is differentiable"
             if ok:
                 return fp8_attention_triton(q, k, v, img_len=img_len, txt_lens=txt_lens, recipe=self.recipe)
             if q.is_cuda:  # the emulation is exact to the recipe but builds fp32 score tiles: slow on a GPU
@@ -202,21 +212,25 @@ def _innermost(fn):
             return holder, fn
 
 
-def install(block, fn: FastAttention) -> None:
+def install(block, fn: FastAttention, check_only: bool = False) -> None:
     """Make ``fn`` the kernel under ``block.attn_fn``, keeping the wrappers above it (Ulysses, recorders).
 
     A recorder's wrapper holds its kernel in a closure; then the FastAttention already inside it takes
     ``fn``'s settings. Anything else (a custom attn_fn) is refused rather than silently replaced.
+    ``check_only``: raise if it would be refused, change nothing (accelerate checks every block first).
     """
     top = block.attn_fn
     if isinstance(top, FastAttention) or top is _attention.attention:
-        block.attn_fn = fn
+        if not check_only:
+            block.attn_fn = fn
         return
     holder, inner = _innermost(top)
     if isinstance(inner, FastAttention) and holder is None:
-        inner.kind, inner.recipe = fn.kind, fn.recipe
+        if not check_only:
+            inner.kind, inner.recipe = fn.kind, fn.recipe
     elif holder is not None and (isinstance(inner, FastAttention) or inner is _attention.attention):
-        holder.attn_fn = fn
+        if not check_only:
+            holder.attn_fn = fn
     else:
         raise ValueError(f"{type(block).__name__}.attn_fn is {top!r}, which accelerate does not know how to "
                          "reach into (attach recorders after accelerate, or pass attention=None to leave it)")
