@@ -310,7 +310,7 @@ def detect_objects(frames, n_objects: int = 2, *, min_area: int = MIN_AREA) -> l
         det = _decide(feats, rgb[:, fc, yc, xc].T.double().cpu())
         mask = torch.zeros(Fr, H, W, dtype=torch.bool, device=video.device)
         mask[fc, yc, xc] = True
-        det.extra["palette_colour"] = COLOURS[c]  # the colour its pixels were labelled with
+        det.extra["median_colour"] = det.colour  # the one-object reading; the label below is per pixel
         out.append(replace(det, colour=COLOURS[c], mask=mask.cpu().numpy() if isinstance(frames, np.ndarray) else mask))
     return out
 

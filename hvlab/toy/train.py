@@ -177,8 +177,9 @@ def vae_check(vae, n: int, device, seed: int = 7) -> dict:
     the training stream is untouched). 100% means the VAE keeps both objects legible."""
     from .detector import detect_scene, score_scenes
 
+    device = torch.device(device)
     amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    gen = torch.Generator(device=device).manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)  # a CPU stream: the same videos on every device
     videos, captions, _ = data.sample_batch(n, gen, "train", device, objects=2)
     scenes = []
     for s in range(0, n, 16):
