@@ -27,7 +27,7 @@ cp $run/weights/dit.safetensors $run/weights/vae.safetensors "$OUT/"   # weights
 tar -C $run -cf "$OUT/misc.tar" weights/text_encoder.safetensors weights/text_encoder_2.safetensors weights/config.json \
     vae_loss.csv dit_loss.csv loss_curves.png summary.json
 left=$(( 590 - $(date +%s) + start ))
-timeout $left python -m hvlab.toy.evaluate --weights $run/weights --device cuda --world two-object --maps cross \
-    --out "$OUT/eval_two_object.json" 2>&1 | tee -a $run.train.log
+timeout $left python -m hvlab.toy.evaluate --weights $run/weights --device cuda --world two-object \
+    --maps cross concept --out "$OUT/eval_two_object.json" 2>&1 | tee -a $run.train.log
 cp $run.train.log "$OUT/train.log"
 echo "call wall: $(( $(date +%s) - start )) s"
