@@ -222,6 +222,39 @@ _OFFICIAL_RE = [(_pattern(o), o, d, how) for o, d, how in DIT_KEY_RULES]
 _DIFFUSERS_RE = [(_pattern(dm), part, o, d, how) for o, d, how in DIT_KEY_RULES for part, dm in enumerate(d)]
 
 
+def fused_row_blocks(how: str, out_features: int, hidden_size: int) -> list[tuple[int, int]]:
+    """The row ranges of a fused official weight's diffusers parts: "qkv" = 3 equal blocks [q | k | v],
+    "qkv_mlp" = [D | D | D | mlp_hidden] with D = ``hidden_size`` (linear1's input width), else all rows."""
+    if how == "qkv":
+        sizes = [out_features // 3] * 3
+    elif how == "qkv_mlp":
+        sizes = [hidden_size] * 3 + [out_features - 3 * hidden_size]
+    else:
+        sizes = [out_features]
+    edges = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+    return list(zip(edges[:-1], edges[1:]))
+
+
+def official_module_rule(module: str) -> tuple[list[str], str] | None:
+    """An official linear's diffusers name(s) and how its rows map (a `DIT_KEY_RULES` entry), or None:
+    "double_blocks.3.img_attn_qkv" -> (["transformer_blocks.3.attn.to_q", "...to_k", "...to_v"], "qkv")."""
+    for regex, o, d, how in _OFFICIAL_RE:
+        m = regex.match(module + ".weight")
+        if m:
+            return [dm.replace("{i}", m.groupdict().get("i") or "") for dm in d], how
+    return None
+
+
+def diffusers_module_rule(module: str) -> tuple[str, int, int, str] | None:
+    """A diffusers linear's official module, its part index and count, and how, or None:
+    "transformer_blocks.3.attn.to_k" -> ("double_blocks.3.img_attn_qkv", 1, 3, "qkv")."""
+    for regex, part, o, d, how in _DIFFUSERS_RE:
+        m = regex.match(module + ".weight")
+        if m:
+            return o.replace("{i}", m.groupdict().get("i") or ""), part, len(d), how
+    return None
+
+
 def _swap_halves(t: torch.Tensor) -> torch.Tensor:
     a, b = t.chunk(2, dim=0)
     return torch.cat([b, a], dim=0)
@@ -250,11 +283,9 @@ def official_to_diffusers(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Ten
             out[names[0]] = value
         elif how == "swap":
             out[names[0]] = _swap_halves(value)
-        elif how == "qkv":
-            out.update(zip(names, value.chunk(3, dim=0)))
-        else:  # qkv_mlp: the hidden size D is linear1's input width
+        else:  # qkv / qkv_mlp: row blocks; the hidden size D is the fused linear's input width
             D = sd[key[: -len(m["param"])] + "weight"].shape[1]
-            out.update(zip(names, value.split([D, D, D, value.shape[0] - 3 * D], dim=0)))
+            out.update((n, value[a:b]) for n, (a, b) in zip(names, fused_row_blocks(how, value.shape[0], D)))
     if unknown:
         raise CheckpointError(f"{len(unknown)} keys are not official HunyuanVideo DiT keys (first: {unknown[:5]})")
     return out
