@@ -393,6 +393,7 @@ def cmd_info(args) -> None:
 # ---- entry point ---------------------------------------------------------------------------------
 
 def main(argv=None) -> int:
+    """The `hvlab` command: parse ``argv`` (default: the command line) and run its subcommand; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("train-toy", "eval-toy"):  # forwarded verbatim, --help included
         if argv[0] == "train-toy":
