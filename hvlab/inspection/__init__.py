@@ -7,7 +7,7 @@
 - `words` — `token_words`: which prompt word each text token belongs to.
 - `concepts` — `ConceptRecorder`: ConceptAttention-style maps in the attention output space (a concept stream
   through the text weights that reads the video and is never read back).
-- `preview` — cheap RGB previews of latents through a fitted 16 -> 3 linear map.
+- `preview` — cheap RGB previews of latents through a fitted per-pixel 16 -> 3 map (linear, or one hidden layer).
 - `viz` — matplotlib figures (frame grids, denoising strips, attention overlays, animations).
 - `widgets` — ipywidgets explorers, each with a static-figure twin.
 

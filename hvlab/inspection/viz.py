@@ -80,7 +80,7 @@ def denoising_strip(previews: torch.Tensor, steps: Sequence[int], sigmas: Sequen
                 ax.set_title(label, fontsize=7)
             if c == 0:
                 ax.set_ylabel(f"latent t={t}", fontsize=7)
-    fig.suptitle(title or "predicted x0 = x - σ·v at each recorded step (16→3 linear preview)", fontsize=10)
+    fig.suptitle(title or "predicted x0 = x - σ·v at each recorded step (16→3 per-pixel preview)", fontsize=10)
     return fig
 
 
