@@ -205,17 +205,46 @@ def test_figures_state_their_aggregation_and_the_explorer_only_indexes(pipe, tmp
         assert part in title
     assert "<script" in Path(save_animation(out.videos[0], tmp_path / "a.html", fps=4)).read_text()
     pytest.importorskip("ipywidgets")
+    import base64
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    import hvlab.inspection.widgets as widgets
+
+    figures = []
+    png_of = widgets._png
     forwards = []
     handle = pipe.transformer.register_forward_pre_hook(lambda *a: forwards.append(1))
     try:
-        box = attention_explorer(maps, out.videos[0])
+        widgets._png = lambda fig: (figures.append(fig), png_of(fig))[1]
+        assert attention_explorer(maps, out.videos[0]).children[1].children[0].label == "red"  # not the article
+        box = attention_explorer(maps, out.videos[0], word="circle")
         image, word = box.children[-1], box.children[1].children[0]
+        assert word.label == "circle"
         before = image.value
         word.value = maps.labels.index("right")
         assert image.value != before  # the picture follows the dropdown
     finally:
+        widgets._png = png_of
         handle.remove()
     assert not forwards  # callbacks index precomputed maps; the model never runs
+    # shown at its natural size: the widget's pixel size is the PNG's, IMAGE_PX wide
+    png_w, png_h = int.from_bytes(image.value[16:20], "big"), int.from_bytes(image.value[20:24], "big")
+    assert png_w == widgets.IMAGE_PX and (image.width, image.height) == (str(png_w), str(png_h))
+    assert image.layout.width == f"{png_w}px"
+    # the whole title is on the picture: its text names the step, and its box lies inside the figure
+    fig = figures[-1]
+    FigureCanvasAgg(fig).draw()
+    title = fig.axes[0].title
+    box_px = title.get_window_extent(fig.canvas.get_renderer())
+    assert "step 0" in title.get_text() and "'right'" in title.get_text()
+    assert box_px.x0 >= 0 and box_px.x1 <= fig.bbox.width and box_px.y1 <= fig.bbox.height, box_px
+    # a page without a widget manager gets the current picture, not "VBox(...)"
+    bundle = box._repr_mimebundle_()
+    assert base64.b64decode(bundle["image/png"]) == image.value
+    assert "VBox" not in bundle["text/plain"] and "interactive in JupyterLab" in bundle["text/plain"]
+    with pytest.raises(ValueError, match="'squircle'"):
+        attention_explorer(maps, out.videos[0], word="squircle")
 
 
 # ---- acceptance with the trained toy model -----------------------------------------------------------
