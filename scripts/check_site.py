@@ -7,7 +7,15 @@ Opens pages in headless Chromium through chromedriver (selenium) and asserts, fo
     CDN scripts), from the browser's network log,
 and, on the home page and on the figure pages (default: notebooks 01 and 08, those present), that at least
 one figure rendered: an <img> that finished loading with naturalWidth > 0 (the notebooks' matplotlib
-PNGs are inline data: images) or an inline <svg> in a notebook output.
+PNGs are inline data: images) or an inline <svg> in a notebook output. Legibility (issue 19), on every page:
+  - no code block or table is cut off: one wider than its box scrolls (overflow auto/scroll) and stays inside
+    the page's content column;
+and on every notebook page:
+  - no widget shows as its raw repr ("VBox(children=...)"): the site has no kernel, an explorer shows its picture;
+  - no table is plain text too wide for its box (text with aligned columns that wraps or scrolls): tables are
+    HTML tables (hvlab.inspection.viz.Table);
+  - every figure (an output <img>) is shown at least MIN_FIGURE_PX wide, and at no less than MIN_SCALE of its
+    natural size, so that its labels and legends stay readable at page scale.
 
 The pages checked: the home page, every notebook page of the course (read from site/sitemap.xml or the
 folders under site/notebooks/), and the first API page. At least one notebook page must be present.
@@ -35,6 +43,48 @@ const ok = imgs.filter(i => i.complete && i.naturalWidth > 0);
 const broken = imgs.filter(i => i.complete && i.naturalWidth === 0).map(i => (i.currentSrc || i.src).slice(0, 80));
 const svgs = arguments[2] ? root.querySelectorAll(arguments[2]).length : 0;
 return {imgs: ok.length, pending: imgs.length - ok.length - broken.length, svgs: svgs, broken: broken};
+"""
+
+MIN_FIGURE_PX = 600  # STYLE.md: figures at least ~600 px wide
+MIN_SCALE = 0.6  # a figure shown below 60% of its natural size makes 8-point labels ~7 px tall
+
+LAYOUT_JS = """
+const notebook = arguments[0], minPx = arguments[1], minScale = arguments[2];
+const article = document.querySelector('article') || document.body;
+const right = article.getBoundingClientRect().right;
+const res = {cut: [], widgets: [], text_tables: [], narrow: [], shrunk: [], figures: 0};
+const short = el => (el.textContent || '').trim().replace(/\\s+/g, ' ').slice(0, 60);
+for (const el of article.querySelectorAll('pre, table')) {
+  if (!el.getClientRects().length) continue;  // hidden (a collapsed block)
+  const wide = el.scrollWidth > el.clientWidth + 1;
+  const scrolls = [el, el.parentElement].some(e => e && ['auto', 'scroll'].includes(getComputedStyle(e).overflowX));
+  const box = el.getBoundingClientRect();
+  if ((wide && !scrolls) || box.right > right + 1) res.cut.push(`${el.tagName.toLowerCase()} "${short(el)}"`);
+}
+if (notebook) {
+  const WIDGET = /^(VBox|HBox|Box|GridBox|Accordion|Tab|Output|IntSlider|FloatSlider|Dropdown|Image|Button|Checkbox)\\(/m;
+  for (const pre of article.querySelectorAll('.jp-OutputArea-output pre')) {
+    const text = pre.textContent;
+    if (WIDGET.test(text) || text.includes('children=(')) res.widgets.push(short(pre));
+    const lines = text.replace(/\\n+$/, '').split('\\n');
+    const aligned = lines.filter(l => /\\S {2,}\\S/.test(l.trim()) || /\\S \\| \\S/.test(l)).length;
+    if (lines.length < 3 || aligned < 2) continue;
+    const probe = pre.cloneNode(true);  // the same text, unwrapped: how wide the table needs to be
+    Object.assign(probe.style, {whiteSpace: 'pre', position: 'absolute', visibility: 'hidden', width: 'auto'});
+    pre.parentElement.appendChild(probe);
+    const need = probe.scrollWidth;
+    probe.remove();
+    if (need > pre.clientWidth + 1) res.text_tables.push(`"${short(pre)}" needs ${need} px, has ${pre.clientWidth}`);
+  }
+  for (const img of article.querySelectorAll('.jp-OutputArea-output img')) {
+    if (!img.complete || !img.naturalWidth || !img.getClientRects().length) continue;
+    res.figures += 1;
+    const w = img.getBoundingClientRect().width, label = (img.alt || img.src.slice(0, 40)).slice(0, 60);
+    if (w < minPx - 0.5) res.narrow.push(`${label}: ${Math.round(w)} px`);
+    if (w / img.naturalWidth < minScale) res.shrunk.push(`${label}: ${img.naturalWidth} px shown at ${Math.round(w)}`);
+  }
+}
+return res;
 """
 
 MATHJAX_IDLE_JS = """
@@ -106,10 +156,19 @@ def check_page(driver, base: str, path: str, need_figure: bool, notebook: bool, 
     outside = sorted({u for u in requested_urls(driver)
                       if urlparse(u).scheme in ("http", "https", "ws", "wss") and urlparse(u).netloc != host})
     errors += [f"{path}: requested a resource outside the site: {u}" for u in outside]
+    layout = driver.execute_script(LAYOUT_JS, notebook, MIN_FIGURE_PX, MIN_SCALE)
+    errors += [f"{path}: cut off at the page's width (neither fits nor scrolls): {c}" for c in layout["cut"]]
+    errors += [f"{path}: a widget shown as its raw repr (the site has no kernel): {w}" for w in layout["widgets"]]
+    errors += [f"{path}: a table printed as text, wider than its box (make it an HTML table, "
+               f"hvlab.inspection.viz.Table): {t}" for t in layout["text_tables"]]
+    errors += [f"{path}: a figure narrower than {MIN_FIGURE_PX} px: {n}" for n in layout["narrow"]]
+    errors += [f"{path}: a figure shrunk below {MIN_SCALE:.0%} of its size, its labels unreadable (make it "
+               f"narrower): {n}" for n in layout["shrunk"]]
     maths = driver.execute_script("return document.querySelectorAll('.MathJax, .MathJax_Display').length")
     print(f"  {'ok ' if not errors else 'BAD'} {path or '/'}: h1 {h1[:50]!r}, figures {fig.get('imgs', 0)} img + "
           f"{fig.get('svgs', 0)} svg, outputs {n_out}, typeset maths {maths}, console errors {len(severe)}, "
-          f"outside requests {len(outside)}")
+          f"outside requests {len(outside)}, legibility problems "
+          f"{sum(len(layout[k]) for k in ('cut', 'widgets', 'text_tables', 'narrow', 'shrunk'))}")
     return errors
 
 

@@ -57,6 +57,24 @@ def is_fresh(src: pathlib.Path, out_dir: pathlib.Path = OUT) -> bool:
     return nb.metadata.get("hvlab", {}).get("source_sha1") == source_sha1(src)
 
 
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+
+
+def drop_widget_views(nb) -> int:
+    """Remove the widget-view representation from every output; returns how many were removed.
+
+    The site has no kernel and no saved widget state, so a widget view renders as nothing and the page would
+    fall back to the widget's text, "VBox(children=...)". What remains is the output's other representations:
+    hvlab's explorers carry a PNG of the picture they opened with (hvlab.inspection.widgets)."""
+    n = 0
+    for cell in nb.cells:
+        for out in cell.get("outputs", []):
+            if WIDGET_VIEW in out.get("data", {}):
+                del out["data"][WIDGET_VIEW]
+                n += 1
+    return n
+
+
 def error_cells(nb) -> list[int]:
     return [i for i, c in enumerate(nb.cells) if c.cell_type == "code"
             and any(o.get("output_type") == "error" for o in c.get("outputs", []))]
@@ -114,7 +132,8 @@ def main(argv=None) -> int:
             continue
         # Saved widget state makes nbconvert load the widget manager from a CDN: the site has no kernel
         # and must load nothing from the internet, and STYLE.md puts a static figure after every widget.
-        if nb.metadata.pop("widgets", None) is not None:
+        state = nb.metadata.pop("widgets", None)
+        if drop_widget_views(nb) or state is not None:
             nbformat.write(nb, out)
     if bad:
         print("notebooks that failed (their copies were removed from build/):\n  " + "\n  ".join(bad),

@@ -158,7 +158,8 @@ def test_gradients_match_explicit():
         (out * torch.linspace(-1, 1, HD)).sum().backward()
         grads.append([q.grad, k.grad, v.grad])
     for g_fast, g_explicit in zip(*grads):
-        torch.testing.assert_close(g_fast, g_explicit, atol=1e-5, rtol=1e-4)
+        # float32 SDPA backward vs autograd through the einsum path: measured max 2.4e-7
+        torch.testing.assert_close(g_fast, g_explicit, atol=1e-6, rtol=0)
 
 
 # --- probabilities without an L x L tensor ---------------------------------------------------------------

@@ -3,9 +3,10 @@
 Same random weights (all of them, including the zero-initialised modulation and final layers, so no block
 is the identity) go through ``official_to_diffusers``; both models run in float32 on the same inputs.
 
-Tolerance: relative error (Frobenius) <= 1e-5. Both compute the same maths in float32 with different
-op orders (fused vs split qkv, SDPA vs masked SDPA), which leaves ~1e-7; 1e-5 leaves headroom while a
-single swapped chunk or wrong RoPE convention gives errors of order 1.
+Tolerance: relative error (Frobenius) <= 1e-6. Both compute the same maths in float32 with different
+op orders (fused vs split qkv, SDPA vs masked SDPA): measured 3.1e-7 (the main test) and 2.5e-7 (temporal
+patch) on the CPU, so the bound is ~3x that, while a single swapped chunk or a wrong RoPE convention gives
+errors of order 1.
 
 What is compared, and why only that. diffusers builds a key mask (B, 1, 1, L): every query, padded text
 rows included, attends to the real tokens. The official model (and hvlab) put the padded text tokens in a
@@ -63,7 +64,7 @@ def test_video_output_matches_diffusers(pair, lens):
     b = ref(hidden_states=x, timestep=t, encoder_hidden_states=text, encoder_attention_mask=mask,
             pooled_projections=pooled, guidance=guidance, return_dict=False)[0]
     assert b.abs().mean() > 0.1  # the reference output is not trivially small
-    assert rel_err(a, b) <= 1e-5
+    assert rel_err(a, b) <= 1e-6  # measured 3.1e-7 / 2.5e-7 (module docstring)
 
 
 @torch.no_grad()
@@ -77,7 +78,7 @@ def test_temporal_patch_matches_diffusers():
     mask, t, guid = torch.tensor([[1, 1, 1, 0, 0]]), torch.tensor([500.0]), torch.tensor([1000.0])
     a = ours(x, t, text, mask, pooled, guid)
     b = ref(x, t, text, mask, pooled, guid, return_dict=False)[0]
-    assert rel_err(a, b) <= 1e-5
+    assert rel_err(a, b) <= 1e-6  # measured 3.1e-7 / 2.5e-7 (module docstring)
 
 
 def test_diffusers_keys_are_exactly_the_converted_keys(pair):

@@ -109,7 +109,8 @@ def test_img_in_is_a_linear_map_of_patchify():
     x = torch.randn(2, 16, 3, 4, 6)
     conv = model.img_in(x)
     w = model.img_in.proj.weight.reshape(64, -1)  # (D, C*pt*ph*pw), same (c, pt, ph, pw) order
-    torch.testing.assert_close(conv, patchify(x, (1, 2, 2)) @ w.T + model.img_in.proj.bias, atol=1e-5, rtol=1e-5)
+    # float32 conv vs matmul summation order: measured max 4.8e-7 (outputs ~1)
+    torch.testing.assert_close(conv, patchify(x, (1, 2, 2)) @ w.T + model.img_in.proj.bias, atol=1.5e-6, rtol=0)
 
 
 def _inputs(B=2, L_txt=7, seed=0):
@@ -129,7 +130,8 @@ def test_padded_text_never_changes_the_output():
         junk = 10 * torch.randn(1, extra, 32)
         padded = dict(inp, text_states=torch.cat([inp["text_states"], junk], 1),
                       text_mask=torch.cat([inp["text_mask"], torch.zeros(1, extra, dtype=torch.long)], 1))
-        torch.testing.assert_close(model(**padded), ref, atol=1e-5, rtol=1e-5)
+        # measured 0 on the CPU (the real tokens' sums are the same); 1e-6 leaves room for another BLAS
+        torch.testing.assert_close(model(**padded), ref, atol=1e-6, rtol=0)
 
 
 @torch.no_grad()
@@ -141,7 +143,8 @@ def test_batch_with_different_lengths_equals_each_sample_alone():
     for b, n in ((0, 7), (1, 3)):
         alone = {k: v[b:b + 1] for k, v in inp.items()}
         alone["text_states"], alone["text_mask"] = alone["text_states"][:, :n], alone["text_mask"][:, :n]
-        torch.testing.assert_close(out[b:b + 1], model(**alone), atol=1e-5, rtol=1e-5)
+        # a batch of 2 and of 1 sum in other orders: measured max 1.7e-6 on outputs ~1
+        torch.testing.assert_close(out[b:b + 1], model(**alone), atol=5e-6, rtol=0)
 
 
 @torch.no_grad()

@@ -42,7 +42,8 @@ def test_matches_diffusers_flow_match_scheduler():
     ref.set_timesteps(sigmas=np.linspace(1.0, 0.0, n + 1)[:-1])
     ours = make(n, shift=9.0)
     torch.testing.assert_close(ours.sigmas, ref.sigmas.float(), atol=1e-6, rtol=0)
-    torch.testing.assert_close(ours.timesteps, ref.timesteps.float(), atol=1e-3, rtol=0)
+    # timesteps up to 1000 in float32 (one ulp 6e-5): measured 1.2e-4, two ulps
+    torch.testing.assert_close(ours.timesteps, ref.timesteps.float(), atol=3e-4, rtol=0)
 
     g = torch.Generator().manual_seed(0)
     x_ours = x_ref = torch.randn(2, 4, 3, 5, generator=g)
@@ -50,7 +51,8 @@ def test_matches_diffusers_flow_match_scheduler():
         v = torch.randn(x_ours.shape, generator=g)
         x_ours = ours.step(v, i, x_ours)
         x_ref = ref.step(v, t, x_ref).prev_sample
-    torch.testing.assert_close(x_ours, x_ref, atol=1e-5, rtol=1e-5)
+    # 30 Euler steps in float32, the sigma differences rounded apart: measured max 6.0e-7
+    torch.testing.assert_close(x_ours, x_ref, atol=2e-6, rtol=0)
 
 
 @pytest.mark.parametrize("shift", [1.0, 7.0, 17.0])
@@ -77,7 +79,7 @@ def test_without_reverse_sigmas_run_from_0_to_1():
     x = x0
     for i in range(20):
         x = fwd.step(noise - x0, i, x)
-    torch.testing.assert_close(x, noise, atol=1e-5, rtol=0)
+    torch.testing.assert_close(x, noise, atol=1e-6, rtol=0)  # 20 float32 steps: measured max 2.4e-7
 
 
 def test_shift_1_is_a_uniform_grid_and_shift_spends_steps_at_high_noise():

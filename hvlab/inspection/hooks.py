@@ -65,7 +65,7 @@ def channel_stats(z: torch.Tensor) -> dict[str, torch.Tensor]:
 class LatentRecorder(PipelineHook):
     """Records, every ``every`` steps (and always the last): the latent x after the step, the predicted
     clean latent x0 = x_in - sigma * v, per-channel mean/std of both and an RGB preview of x0 through a
-    16 -> 3 linear map (``rgb_map``, see `hvlab.inspection.preview`; default ``pipe.latent_rgb_map``); and, every
+    16 -> 3 per-pixel map (``rgb_map``, see `hvlab.inspection.preview`; default ``pipe.latent_rgb_map``); and, every
     ``decode_every`` steps (and the last), a true VAE decode of x0. Everything is stored on the CPU in
     float32.
 

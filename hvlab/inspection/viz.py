@@ -20,10 +20,23 @@ import torch
 from .attention_maps import AttentionMaps, upsample_to_video
 
 
+# Sizes for the docs site, where a notebook's outputs are ~690 px wide in a 1280 px window and figures are
+# drawn at 100 dpi: at most PAGE_IN wide, so a figure is shown at >= 60% of its size and its 8-point labels
+# stay readable (scripts/check_site.py checks both), and at least MIN_IN wide (the site's 600 px floor).
+PAGE_IN = 10.5
+MIN_IN = 6.6
+
+
 def _figure(w: float, h: float):
     from matplotlib.figure import Figure
 
     return Figure(figsize=(w, h), layout="constrained")
+
+
+def _wrap(text: str, width_in: float, fontsize: float = 10) -> str:
+    """Wrap each line of a title to the figure's width (~0.6 em per character), so it never widens the figure."""
+    chars = max(30, int(width_in * 72 / (0.6 * fontsize)))
+    return "\n".join(textwrap.fill(line, chars) for line in text.split("\n"))
 
 
 def as_frames(video) -> np.ndarray:
@@ -43,19 +56,52 @@ def pick_frames(num_frames: int, n: int = 8) -> list[int]:
 
 
 def frame_grid(video, frames: Sequence[int] | None = None, ncols: int | None = None, title: str | None = None):
-    """Chosen frames of one video side by side (default 8 evenly spaced), each labelled with its index."""
+    """Chosen frames of one video side by side (default 8 evenly spaced), each labelled with its index.
+
+    The figure is between MIN_IN and PAGE_IN wide whatever the frames' shape (a strip of several videos side
+    by side gets wide panels), and the title wraps to that width."""
     f = as_frames(video)
     frames = list(frames) if frames is not None else pick_frames(len(f))
     ncols = ncols or len(frames)
     nrows = -(-len(frames) // ncols)
-    fig = _figure(1.6 * ncols, 1.6 * nrows + 0.4)
+    aspect = f.shape[2] / f.shape[1]  # width / height of a frame
+    width = min(PAGE_IN, max(MIN_IN, 1.6 * aspect * ncols))
+    text = _wrap(title or f"{len(frames)} of {len(f)} frames", width)
+    fig = _figure(width, nrows * (width / ncols / aspect + 0.3) + 0.25 * (text.count("\n") + 1) + 0.2)
     axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
     for ax in axes:
         ax.axis("off")
     for ax, i in zip(axes, frames):
         ax.imshow(f[i], interpolation="nearest")
-        ax.set_title(f"frame {i}", fontsize=8)
-    fig.suptitle(title or f"{len(frames)} of {len(f)} frames", fontsize=10)
+        ax.set_title(f"frame {i}", fontsize=9)
+    fig.suptitle(text, fontsize=10)
+    return fig
+
+
+def videos_grid(videos, labels: Sequence[str], frames: Sequence[int] | None = None, title: str | None = None):
+    """Several videos, one row each (labelled, e.g. with its prompt), the same frames in the columns.
+
+    ``videos``: (B, 3, F, H, W) in [0, 1] (``GenerationOutput.videos``) or a list of single videos."""
+    vids = [as_frames(v) for v in videos]
+    if len(labels) != len(vids):
+        raise ValueError(f"need one label per video: {len(vids)} videos, {len(labels)} labels")
+    frames = list(frames) if frames is not None else pick_frames(len(vids[0]), 5)
+    aspect = vids[0].shape[2] / vids[0].shape[1]
+    width = min(PAGE_IN, max(MIN_IN, 1.7 * aspect * len(frames) + 1.6))
+    panel = (width - 1.6) / len(frames)  # inches per frame; 1.6 in for the row labels
+    text = _wrap(title or f"{len(vids)} videos, frames {', '.join(map(str, frames))}", width)
+    fig = _figure(width, len(vids) * (panel / aspect + 0.1) + 0.3 + 0.25 * (text.count("\n") + 1))
+    axes = fig.subplots(len(vids), len(frames), squeeze=False)
+    for r, (v, label) in enumerate(zip(vids, labels)):
+        for c, i in enumerate(frames):
+            ax = axes[r, c]
+            ax.imshow(v[i], interpolation="nearest")
+            ax.set_xticks([]), ax.set_yticks([])
+            if r == 0:
+                ax.set_title(f"frame {i}", fontsize=9)
+            if c == 0:
+                ax.set_ylabel(textwrap.fill(label, 18), fontsize=9, rotation=0, ha="right", va="center")
+    fig.suptitle(text, fontsize=10)
     return fig
 
 
@@ -68,7 +114,9 @@ def denoising_strip(previews: torch.Tensor, steps: Sequence[int], sigmas: Sequen
     p = previews.detach().float().cpu()
     S, _, T = p.shape[:3]
     rows = list(latent_frames) if latent_frames is not None else pick_frames(T, 3)
-    fig = _figure(1.2 * S + 0.6, 1.2 * len(rows) + 0.7)
+    panel = min(1.2, (PAGE_IN - 0.6) / S)  # inches per preview: the strip stays within the page
+    text = _wrap(title or "predicted x0 = x - σ·v at each recorded step (16→3 per-pixel preview)", panel * S + 0.6)
+    fig = _figure(max(MIN_IN, panel * S + 0.6), (panel + 0.05) * len(rows) + 0.8 + 0.25 * text.count("\n"))
     axes = fig.subplots(len(rows), S, squeeze=False)
     for r, t in enumerate(rows):
         for c in range(S):
@@ -77,10 +125,10 @@ def denoising_strip(previews: torch.Tensor, steps: Sequence[int], sigmas: Sequen
             ax.set_xticks([]), ax.set_yticks([])
             if r == 0:
                 label = f"step {steps[c]}" + (f"\nσ={sigmas[c]:.2f}" if sigmas is not None else "")
-                ax.set_title(label, fontsize=7)
+                ax.set_title(label, fontsize=8)
             if c == 0:
-                ax.set_ylabel(f"latent t={t}", fontsize=7)
-    fig.suptitle(title or "predicted x0 = x - σ·v at each recorded step (16→3 linear preview)", fontsize=10)
+                ax.set_ylabel(f"latent t={t}", fontsize=8)
+    fig.suptitle(text, fontsize=10)
     return fig
 
 
@@ -90,7 +138,7 @@ def channel_stats_plot(stats: dict[str, torch.Tensor], steps: Sequence[int], sam
 
     ``stats[name]`` is (S, B, C), as ``LatentRecorder.stats``; each value is a mean or std over (T, H, W).
     """
-    fig = _figure(4.2 * len(names), 3.2)
+    fig = _figure(min(PAGE_IN, 4.2 * len(names)), 3.4)
     axes = np.atleast_1d(fig.subplots(1, len(names)))
     for ax, name in zip(axes, names):
         values = stats[name][:, sample].numpy()  # (S, C)
@@ -100,8 +148,9 @@ def channel_stats_plot(stats: dict[str, torch.Tensor], steps: Sequence[int], sam
         kind, stat = name.rsplit("_", 1)
         ax.set_title(f"{stat} of {kind} per channel (over T, H, W)", fontsize=9)
         ax.grid(alpha=0.3)
-    axes[-1].legend(fontsize=6, ncol=2, loc="center left", bbox_to_anchor=(1, 0.5))
-    fig.suptitle(title or f"latent channel statistics, video {sample}", fontsize=10)
+    axes[-1].legend(fontsize=8, ncol=2, loc="center left", bbox_to_anchor=(1, 0.5))
+    fig.suptitle(_wrap(title or f"latent channel statistics, video {sample}", min(PAGE_IN, 4.2 * len(names))),
+                 fontsize=10)
     return fig
 
 
@@ -124,7 +173,8 @@ def attention_overlay(video, maps: AttentionMaps, labels: Sequence[str] | None =
     frames = list(frames) if frames is not None else pick_frames(len(f), 5)
     heats = [heat_on_frames(video, maps.get(lab, step=step, block=block, head=head)) for lab in labels]
     vmax_all = max(float(h.max()) for h in heats) or 1.0
-    fig = _figure(1.7 * len(frames) + 1.0, 1.7 * len(labels) + 0.9)
+    width = min(PAGE_IN, max(MIN_IN, 1.7 * len(frames) + 1.0))
+    fig = _figure(width, (width - 1.0) / len(frames) * len(labels) + 0.9)
     axes = fig.subplots(len(labels), len(frames), squeeze=False)
     for r, (lab, h) in enumerate(zip(labels, heats)):
         vmax = (float(h.max()) or 1.0) if normalize == "per_map" else vmax_all
@@ -142,8 +192,7 @@ def attention_overlay(video, maps: AttentionMaps, labels: Sequence[str] | None =
             "video_query": "attention of one video token over the video",
             "concept": "concept maps: each word's attention output . each video token's (ConceptAttention)"}[maps.direction]
     scale = "each row scaled to its max" if normalize == "per_map" else "one colour scale"
-    width = max(40, int(11 * (1.7 * len(frames) + 1.0)))  # characters that fit across the figure
-    text = title or f"{what}\n" + textwrap.fill(f"{maps.describe(step, block, head)}; {scale}", width)
+    text = _wrap(title or f"{what}\n{maps.describe(step, block, head)}; {scale}", width, 9)
     fig.suptitle(text, fontsize=9)
     return fig
 

@@ -221,12 +221,20 @@ def evaluate_pairs(pipe, n: int = 40, split: str = "heldout", batch: int = 20, s
 
 # ---- tables and the command line ----------------------------------------------------------------------
 
+def results_table(results: dict, evaluation: str | None = None):
+    """Accuracies per split as a `hvlab.inspection.viz.Table` (an HTML table in a notebook, Markdown as text);
+    ``evaluation`` adds a first column naming the run, so that two tables' rows can be shown as one."""
+    from ..inspection.viz import Table
+
+    rows = [{"split": split, "n": f"{r['n']} ({r['objects']} objects)" if "objects" in r else r["n"],
+             "colour": f"{r['colour_acc']:.1%}", "shape": f"{r['shape_acc']:.1%}",
+             "direction": f"{r['direction_acc']:.1%}"} for split, r in results.items()]
+    return Table([{"evaluation": evaluation, **r} for r in rows] if evaluation is not None else rows)
+
+
 def format_table(results: dict) -> str:
-    rows = ["| split | n | colour | shape | direction |", "|---|---|---|---|---|"]
-    for split, r in results.items():
-        n = f"{r['n']} ({r['objects']} objects)" if "objects" in r else r["n"]
-        rows.append(f"| {split} | {n} | {r['colour_acc']:.1%} | {r['shape_acc']:.1%} | {r['direction_acc']:.1%} |")
-    return "\n".join(rows)
+    """The accuracies as a Markdown table (what ``python -m hvlab.toy.evaluate`` prints)."""
+    return str(results_table(results))
 
 
 def format_maps(maps: dict) -> str:

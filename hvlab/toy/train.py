@@ -307,8 +307,6 @@ def train(args) -> dict:
 
 def export(wd: Path, dit, vae, llm, clip, scale: float, summary: dict) -> None:
     """Write the shipped files: fp16 safetensors (loaded back in fp32), tokenizer and config."""
-    from ..inspection.preview import fit_latent_to_rgb
-
     wd.mkdir(parents=True, exist_ok=True)
 
     def half(sd):
@@ -321,14 +319,49 @@ def export(wd: Path, dit, vae, llm, clip, scale: float, summary: dict) -> None:
     tok_src = WEIGHTS_DIR / "tokenizer"
     if tok_src.exists() and tok_src.resolve() != (wd / "tokenizer").resolve():
         shutil.copytree(tok_src, wd / "tokenizer", dirs_exist_ok=True)
-    device = next(vae.parameters()).device
-    gen = torch.Generator(device=device).manual_seed(99)
-    videos, _, _ = data.sample_batch(16, gen, split="train", device=device)
-    with torch.no_grad():
-        z = vae.encode(videos).mean.float() * scale
-    meta = dict(vae_scaling_factor=scale, defaults=TOY_DEFAULTS, latent_to_rgb=fit_latent_to_rgb(z, videos),
+    meta = dict(vae_scaling_factor=scale, defaults=TOY_DEFAULTS, latent_to_rgb=fit_toy_preview_map(vae, scale),
                 training=summary)
     (wd / "config.json").write_text(json.dumps(meta, indent=2, default=str))
+
+
+PREVIEW_MAP = dict(videos=42, hidden=32, foreground_weight=10.0, seed=99)  # how the shipped preview map is fitted
+
+
+def fit_toy_preview_map(vae, scale: float, videos: int = PREVIEW_MAP["videos"], hidden: int = PREVIEW_MAP["hidden"],
+                        foreground_weight: float = PREVIEW_MAP["foreground_weight"], seed: int = PREVIEW_MAP["seed"],
+                        batch: int = 6) -> dict:
+    """The toy's latent -> RGB preview map: `fit_latent_to_rgb` on the VAE's (scaled) latents of ``videos``
+    rendered clips, every colour equally often (colour ``i % 7`` for clip ``i``; shape, direction, size and
+    path drawn from ``seed``). One hidden layer: the toy VAE stores colour non-linearly (see
+    `hvlab.inspection.preview`); the object's pixels weigh more because most of each frame is black."""
+    from ..inspection.preview import fit_latent_to_rgb
+
+    device = next(vae.parameters()).device
+    attrs = data.sample_attributes(videos, torch.Generator(device=device).manual_seed(seed), split="all", device=device)
+    colours = torch.arange(videos, device=device) % len(data.COLOURS)
+    clips = data.render_videos(colours, attrs["shape"], attrs["direction"], radius=attrs["radius"],
+                               start_xy=attrs["start_xy"], speed=attrs["speed"], device=device)
+    with torch.no_grad():
+        z = torch.cat([vae.encode(clips[i:i + batch]).mean.float() for i in range(0, videos, batch)]) * scale
+    return fit_latent_to_rgb(z, clips, hidden=hidden, foreground_weight=foreground_weight, seed=seed)
+
+
+def refit_preview_map(weights_dir=WEIGHTS_DIR, device: str = "cpu") -> dict:
+    """Refit the preview map of exported toy weights and rewrite their config.json (atomically): the
+    weights themselves are untouched. ``python -m hvlab.toy.train --refit-preview [--init-from DIR]``."""
+    from ..vae import load_vae_checkpoint
+
+    wd = Path(weights_dir)
+    meta = json.loads((wd / "config.json").read_text())
+    vae = AutoencoderKLCausal3D(toy_vae_config(meta["vae_scaling_factor"]))
+    load_vae_checkpoint(vae, str(wd / "vae.safetensors"))
+    vae.float().to(device).eval()
+    meta["latent_to_rgb"] = fit_toy_preview_map(vae, meta["vae_scaling_factor"])
+    meta["latent_to_rgb_fit"] = dict(PREVIEW_MAP, how="hvlab.toy.train.fit_toy_preview_map")
+    tmp = wd / "config.json.tmp"
+    tmp.write_text(json.dumps(meta, indent=2, default=str))
+    os.replace(tmp, wd / "config.json")
+    return meta["latent_to_rgb"]
 
 
 def plot_losses(out: Path) -> None:
@@ -378,9 +411,15 @@ def main(argv=None):
     p.add_argument("--caption-dropout", type=float, default=0.1)
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--save-every", type=int, default=1000)
+    p.add_argument("--refit-preview", action="store_true",
+                   help="only refit the latent -> RGB preview map of --init-from's weights (default: the shipped "
+                        "ones) and rewrite their config.json")
     p.add_argument("--finetune-decoder", type=int, default=0, metavar="STEPS",
                    help="only fine-tune the VAE decoder of --init-from's weights on full clips, writing to --out")
     args = p.parse_args(argv)
+    if args.refit_preview:
+        refit_preview_map(args.init_from or WEIGHTS_DIR, device=args.device)
+        return
     if args.finetune_decoder:
         finetune_decoder(args.init_from, args.out, args.finetune_decoder, device=args.device)
         return
