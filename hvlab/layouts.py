@@ -48,8 +48,8 @@ LAYOUTS = {  # what detect_layout can read, in the words its errors use
     "single-files": "a folder of .safetensors files, one per component, recognised by their keys (ComfyUI's "
                     "hunyuan_video_*.safetensors DiT in bf16 or fp8, hunyuan_video_vae_*.safetensors, "
                     "llava_llama3_*.safetensors, clip_l.safetensors)",
-    "components": "each component given on its own: load_pipeline(dit=..., vae=..., text_encoder=..., "
-                  "text_encoder_2=...) / --dit --vae --text-encoder --text-encoder-2, each a file or a folder",
+    "components": "each component given on its own (a file or folder): load_pipeline(dit=..., vae=..., "
+                  "text_encoder=..., text_encoder_2=...), hvlab convert --dit/--vae/--text-encoder/--text-encoder-2",
 }
 METADATA_KEY = "hvlab_config"  # safetensors metadata hvlab writes: the component's config as JSON
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
@@ -64,7 +64,8 @@ SIGNATURES = (
 )
 # Keys single text-encoder files may carry that hvlab's models do not use: the LM head, CLIP's projection
 # (CLIPTextModel has none), a legacy position-id buffer.
-UNUSED_KEYS = ("lm_head.weight", "text_projection.weight", "logit_scale", "text_model.embeddings.position_ids")
+UNUSED_KEYS = ("lm_head.weight", "text_projection.weight", "logit_scale", "text_model.embeddings.position_ids",
+               "embeddings.position_ids")
 
 
 # ----------------------------------------------------------------------------- the official layout
@@ -166,7 +167,18 @@ def _single_file(role: str, path: Path) -> Component:
         what = f"a {found[0]} file" if found else "no HunyuanVideo component (none of its signature keys)"
         raise CheckpointLayoutError(f"{path} was given as the {role} but its keys make it {what}; expected keys such as "
                           f"{[s for r, s in SIGNATURES if r == role]}")
-    return Component(role, path, "safetensors", prefix=found[1], detail=_describe_file(path, found[1]))
+    return Component(role, path, "safetensors", prefix=found[1], tokenizer=_tokenizer_beside(role, path),
+                     detail=_describe_file(path, found[1]))
+
+
+TOKENIZER_FOLDERS = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}  # diffusers' names
+
+
+def _tokenizer_beside(role: str, path: Path) -> Path | None:
+    """A single text-encoder file's tokenizer: ``tokenizer/`` (LLM) or ``tokenizer_2/`` (CLIP) beside it (hvlab
+    convert writes them), else None: hvlab's built-in Llama-3 / CLIP tokenizer is used."""
+    folder = path.parent / TOKENIZER_FOLDERS.get(role, "")
+    return folder if role in TOKENIZER_FOLDERS and (folder / "tokenizer_config.json").is_file() else None
 
 
 def _hf_folder(role: str, path: Path, tokenizer: Path | None = None) -> Component:
@@ -240,7 +252,7 @@ def _diffusers(base: Path) -> dict[str, Component]:
         found["dit"] = Component("dit", base / "transformer", "diffusers", detail=_diffusers_detail(base / "transformer"))
     if (base / "vae" / "config.json").is_file() and list((base / "vae").glob("*.safetensors")):
         found["vae"] = Component("vae", base / "vae", "diffusers", detail="diffusers VAE folder")
-    for role, tok in (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")):
+    for role, tok in TOKENIZER_FOLDERS.items():
         if (base / role / "config.json").is_file() and (base / tok).is_dir():
             found[role] = Component(role, base / role, "transformers", tokenizer=base / tok,
                                     detail=f"Hugging Face folder + {tok}/")
@@ -258,11 +270,8 @@ def _single_files(base: Path) -> tuple[dict[str, Component], dict[str, list[Path
             unknown.append(f)
         else:
             by_role.setdefault(found[0], []).append((f, found[1]))
-    one = {r: Component(r, fs[0][0], "safetensors", prefix=fs[0][1], detail=_describe_file(*fs[0]))
-           for r, fs in by_role.items() if len(fs) == 1}
-    for role, tok in (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")):
-        if role in one and (one[role].path.parent / tok).is_dir():  # hvlab convert writes them beside
-            one[role].tokenizer = one[role].path.parent / tok
+    one = {r: Component(r, fs[0][0], "safetensors", prefix=fs[0][1], tokenizer=_tokenizer_beside(r, fs[0][0]),
+                        detail=_describe_file(*fs[0])) for r, fs in by_role.items() if len(fs) == 1}
     return one, {r: [f for f, _ in fs] for r, fs in by_role.items() if len(fs) > 1}, unknown
 
 
@@ -613,18 +622,26 @@ def parameters_on_meta():
         nn.Module.register_parameter = register
 
 
+def _text_prefix(component: Component, model_keys: set[str]) -> str:
+    """What to strip from a single text-encoder file's keys to get the model's: the file's own prefix, plus
+    ``text_model.`` for CLIP when the installed transformers names CLIPTextModel's tensors without it (v5)."""
+    clip_flat = component.role == "text_encoder_2" and not any(k.startswith("text_model.") for k in model_keys)
+    return component.prefix + ("text_model." if clip_flat else "")
+
+
 def _text_items(component: Component, model_keys: set[str], scales: dict[str, torch.Tensor], meta: bool):
     """A single text-encoder file's tensors under transformers' names: prefix removed, unused keys dropped,
     FP8 weights dequantized (w_fp8 * scale_weight, or scale 1) so the transformers model gets plain floats."""
-    p = component.prefix
+    p, strip = component.prefix, _text_prefix(component, model_keys)
     raw = meta_tensors(read_safetensors_header(component.path)[0]).items() if meta else iter_safetensors([component.path])
     for k, v in raw:
-        k = k[len(p):] if k.startswith(p) else k
-        if _is_scale_key(k) or (k in UNUSED_KEYS and k not in model_keys):
+        rel = k[len(p):] if k.startswith(p) else k
+        name = k[len(strip):] if k.startswith(strip) else rel
+        if _is_scale_key(rel) or (name not in model_keys and (rel in UNUSED_KEYS or name in UNUSED_KEYS)):
             continue
         if v.dtype in FP8_DTYPES:
-            v = v.to(torch.float32) if meta else v.float() * scales.get(k[: -len(".weight")], 1.0)
-        yield k, v
+            v = v.to(torch.float32) if meta else v.float() * scales.get(name[: -len(".weight")], 1.0)
+        yield name, v
 
 
 def load_text_encoder(component: Component, dtype: torch.dtype | None = torch.float16, device="cpu"):
@@ -637,7 +654,8 @@ def load_text_encoder(component: Component, dtype: torch.dtype | None = torch.fl
     llm = component.role == "text_encoder"
     if component.format == "transformers":
         load = load_llm_encoder if llm else load_clip_encoder
-        return load(str(component.path), dtype=dtype or torch.float16, device=device, tokenizer=component.tokenizer)
+        return load(str(component.path), dtype=dtype if dtype is not None else "auto", device=device,
+                    tokenizer=component.tokenizer)  # "auto": the dtype the folder stores
     if component.tokenizer is not None:
         tokenizer = _load_tokenizer(component.tokenizer, "a tokenizer folder (tokenizer.json + tokenizer_config.json)")
     else:
@@ -653,12 +671,18 @@ def load_text_encoder(component: Component, dtype: torch.dtype | None = torch.fl
     else:
         shapes = {k: v for k, v in _strip(header, component.prefix).items() if not _is_scale_key(k)}
         config = text_config_from_shapes(component.role, shapes, tokenizer)
+    if len(tokenizer) > config.vocab_size:
+        raise CheckpointError(f"{component.path}: its embedding has {config.vocab_size} rows but the tokenizer "
+                              f"{'in ' + str(component.tokenizer) if component.tokenizer else '(hvlab built-in)'} "
+                              f"has {len(tokenizer)} tokens: put the model's own tokenizer in "
+                              f"{TOKENIZER_FOLDERS[component.role]}/ beside the file")
     with parameters_on_meta():
         model = (LlamaModel if llm else CLIPTextModel)(config)
     what = f"{component.role} {component.path}"
     keys = set(model.state_dict())
     check_state_dict_keys(model.state_dict(), dict(_text_items(component, keys, {}, meta=True)), what)
-    scales = {k[len(component.prefix):-len(".scale_weight")]: v.float()
+    strip = _text_prefix(component, keys)
+    scales = {k[len(strip):-len(".scale_weight")]: v.float()
               for k, v in iter_safetensors([component.path]) if k.endswith(".scale_weight")}
     fp8 = [k for k, (d, _) in header.items() if d in FP8_DTYPES and not _is_scale_key(k)]
     if fp8 and len(scales) < len(fp8):
