@@ -163,7 +163,7 @@ def save_safetensors(state_dict: Mapping[str, torch.Tensor], path: str, metadata
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                       "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64,
                       "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
-WINDOW_BYTES = 1 << 30  # tensors read per mapping: converted windows are released one by one
+WINDOW_BYTES = 256 << 20  # tensors read per mapping: windows whose tensors were copied are released one by one
 
 
 def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, tuple[torch.dtype, tuple[int, ...]]],
@@ -209,11 +209,13 @@ def meta_tensors(header: Mapping[str, tuple[torch.dtype, tuple[int, ...]]]) -> d
 
 
 def assign_tensors(model: torch.nn.Module, items: Iterable[tuple[str, torch.Tensor]], what: str = "checkpoint",
-                   device=None, dtype: torch.dtype | None = None) -> torch.nn.Module:
+                   device=None, dtype: torch.dtype | None = None, copy: bool = False) -> torch.nn.Module:
     """Put each (name, tensor) into ``model`` (typically built on the meta device) as it arrives, strictly.
 
     Floating tensors are cast to ``dtype`` (None: kept as stored, FP8 outside an FP8 layer upcast to bf16) and
-    moved to ``device``; a tensor already right is assigned as it is (a memory-mapped one stays mapped, no copy).
+    moved to ``device``; a tensor already right is assigned as it is (a memory-mapped one stays mapped, no copy)
+    unless ``copy``: then every tensor is copied, so no file stays mapped (worth it when part of the tensors is
+    copied anyway, as when diffusers' q, k, v are fused: else those windows' pages would stay counted too).
     FP8 entries (`hvlab.fast.fp8.FP8Linear` weights) must arrive in FP8. Missing, unexpected and misshapen
     entries raise a `CheckpointError` naming them; call `check_state_dict_keys` on meta stand-ins first to
     fail before reading anything.
@@ -233,7 +235,8 @@ def assign_tensors(model: torch.nn.Module, items: Iterable[tuple[str, torch.Tens
             target = dtype or (torch.bfloat16 if t.dtype.itemsize == 1 else t.dtype)
         else:
             target = t.dtype
-        t = t.to(device=device if device is not None else (t.device if e.is_meta else e.device), dtype=target)
+        t = t.to(device=device if device is not None else (t.device if e.is_meta else e.device), dtype=target,
+                 copy=copy)
         module_name, _, leaf = name.rpartition(".")
         module = model.get_submodule(module_name)
         if leaf in module._parameters:

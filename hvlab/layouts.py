@@ -544,7 +544,7 @@ def load_dit(component: Component, config=None, device=None, dtype: torch.dtype 
             elif not _is_scale_key(k):  # .scale_input (an activation hint) and the scaled_fp8 marker: unused
                 yield k, v
 
-    assign_tensors(model, weights(), what, device=device, dtype=dtype)
+    assign_tensors(model, weights(), what, device=device, dtype=dtype, copy=component.format == "diffusers")
     if fp8:
         from .fast.fp8 import _as_scale
 
