@@ -259,20 +259,50 @@ def _diffusers(base: Path) -> dict[str, Component]:
     return found
 
 
+def _classify_folder(folder: Path) -> Component | None:
+    """A Hugging Face / diffusers model folder met inside a folder of single files (ComfyUI users keep e.g.
+    llava-llama-3-8b-text-encoder-tokenizer/ there): which component its config.json says it is, if any."""
+    try:
+        raw = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    name, kind = raw.get("_class_name") or (raw.get("architectures") or [""])[0], raw.get("model_type", "")
+    if name == "HunyuanVideoTransformer3DModel":
+        return Component("dit", folder, "diffusers", detail=_diffusers_detail(folder))
+    if name == "AutoencoderKLHunyuanVideo":
+        return Component("vae", folder, "diffusers", detail="diffusers VAE folder")
+    role = "text_encoder" if kind in ("llama", "llava") else "text_encoder_2" if kind.startswith("clip") else None
+    return None if role is None else Component(role, folder, "transformers", tokenizer=folder,
+                                               detail=f"Hugging Face folder ({kind})")
+
+
 def _single_files(base: Path) -> tuple[dict[str, Component], dict[str, list[Path]], list[Path]]:
-    by_role: dict[str, list[tuple[Path, str]]] = {}
-    unknown = []
+    """The components of a folder of single files: (one per role, roles with several candidates, unknown files).
+    Files inside a model folder (one with a config.json) count as that folder."""
+    by_role: dict[str, list[Component]] = {}
+    unknown, folders = [], {}
     for f in sorted(base.rglob("*.safetensors")):
-        if any(part.startswith(".") for part in f.relative_to(base).parts):
+        rel = f.relative_to(base)
+        if any(part.startswith(".") for part in rel.parts):
+            continue
+        owner = next((base / Path(*rel.parts[:i]) for i in range(1, len(rel.parts))
+                      if (base / Path(*rel.parts[:i]) / "config.json").is_file()), None)
+        if owner is not None:
+            if owner not in folders:
+                folders[owner] = c = _classify_folder(owner)
+                if c is not None:
+                    by_role.setdefault(c.role, []).append(c)
             continue
         found = classify_safetensors(f)
         if found is None:
             unknown.append(f)
         else:
-            by_role.setdefault(found[0], []).append((f, found[1]))
-    one = {r: Component(r, fs[0][0], "safetensors", prefix=fs[0][1], tokenizer=_tokenizer_beside(r, fs[0][0]),
-                        detail=_describe_file(*fs[0])) for r, fs in by_role.items() if len(fs) == 1}
-    return one, {r: [f for f, _ in fs] for r, fs in by_role.items() if len(fs) > 1}, unknown
+            role, prefix = found
+            by_role.setdefault(role, []).append(Component(role, f, "safetensors", prefix=prefix,
+                                                          tokenizer=_tokenizer_beside(role, f),
+                                                          detail=_describe_file(f, prefix)))
+    one = {r: cs[0] for r, cs in by_role.items() if len(cs) == 1}
+    return one, {r: [c.path for c in cs] for r, cs in by_role.items() if len(cs) > 1}, unknown
 
 
 def _listing_with_roles(base: Path) -> str:

@@ -160,6 +160,20 @@ def test_each_layout_is_detected_and_says_what_it_found(folders):
         detect_layout(folders["comfyui"])
     assert "hunyuan_video_720_cfgdistill_fp8_e4m3fn.safetensors" in str(err.value)
     assert "llava_llama3_fp8_scaled.safetensors" in str(err.value)
+    # a ComfyUI models/ tree: one file per component, the LLM as a Hugging Face folder, a LoRA beside
+    tree = folders["comfyui"].parent / "comfy_models"
+    for sub in ("diffusion_models", "vae", "text_encoders/llava-llama-3-8b-text-encoder-tokenizer", "loras"):
+        (tree / sub).mkdir(parents=True)
+    for f, sub in (("hunyuan_video_t2v_720p_bf16.safetensors", "diffusion_models"),
+                   ("hunyuan_video_vae_bf16.safetensors", "vae"), ("clip_l.safetensors", "text_encoders")):
+        (tree / sub / f).symlink_to(folders["comfyui"] / f)
+    for f in (folders["official"] / "text_encoder").iterdir():
+        (tree / "text_encoders/llava-llama-3-8b-text-encoder-tokenizer" / f.name).symlink_to(f)
+    save_safetensors({"lora_unet_x.lora_A.weight": torch.zeros(2, 2)}, str(tree / "loras" / "style.safetensors"))
+    found = detect_layout(tree)
+    assert found.kind == "single-files"
+    assert found.components["text_encoder"].format == "transformers"  # the folder, not its model.safetensors
+    assert found.components["dit"].path.name == "hunyuan_video_t2v_720p_bf16.safetensors"
     mixed = detect_layout(folders["official"], dit=folders["comfyui"] / "hunyuan_video_t2v_720p_bf16.safetensors")
     assert mixed.kind == "official + components" and mixed.components["dit"].prefix == "model.diffusion_model."
 
