@@ -152,8 +152,9 @@ def child(layout: str, path: str, size: str, dtype: str, device: str) -> dict:
     sampler.start()
     checksum = 0.0
     with torch.no_grad():
-        for p in model.parameters():  # read every byte once (a forward would), copying nothing
-            checksum += int(p.detach().reshape(-1).view(torch.uint8).sum())
+        for p in model.parameters():  # fault every page in (a forward reads them all), copying nothing:
+            page = p.detach().reshape(-1).view(torch.uint8)[::4096]  # one byte per 4 KiB page, a strided view
+            checksum += int(page.sum())
     touched = sampler.stop()
     nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
     return dict(layout=layout, load_s=load_s, model_bytes=nbytes, base_rss=base["VmHWM"], at_load=at_load,
