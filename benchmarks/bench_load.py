@@ -1,7 +1,7 @@
 """Peak CPU memory while loading a random-weight DiT from each checkpoint layout (issue 19).
 
 For each layout this writes the same random-weight DiT (bf16, the release's dtype) to disk, then loads it in a
-fresh child process through `hvlab.layouts.load_dit` (what `load_pipeline` runs) and reads the child's memory
+fresh child process through `hvlab.readers.load_dit` (what `load_pipeline` runs) and reads the child's memory
 from /proc/self/status while it works: VmHWM (the peak resident set, file-backed pages of memory-mapped files
 included) and the peak of RssAnon (anonymous memory: copies, conversions), sampled every 2 ms by a thread.
 
@@ -126,7 +126,8 @@ class AnonPeak(threading.Thread):
 def child(layout: str, path: str, size: str, dtype: str, device: str) -> dict:
     """One load in this (fresh) process; returns what it measured."""
     import hvlab.fast.fp8  # noqa: F401  (imported before the baseline is read: only the load itself counts)
-    from hvlab.layouts import component_from_path, load_dit
+    from hvlab.layouts import component_from_path
+    from hvlab.readers import load_dit
 
     config = SIZES[size]
     target = {"same": None, "fp32": torch.float32, "bf16": torch.bfloat16}[dtype]

@@ -1,6 +1,6 @@
 """Writing a checkpoint in any layout hvlab reads: ``hvlab convert SRC DST --to {official,diffusers,single}``.
 
-The source is read exactly as `hvlab.loading.load_pipeline` reads it (`hvlab.layouts`: each model built on the
+The source is read exactly as `hvlab.loading.load_pipeline` reads it (`hvlab.readers`: each model built on the
 meta device, its tensors memory-mapped and kept in their stored dtypes), then every model's state dict is
 written under the target layout's names:
 
@@ -31,7 +31,8 @@ from pathlib import Path
 import torch
 
 from .checkpoint import iter_official_to_diffusers, save_safetensors
-from .layouts import (METADATA_KEY, RELEASE_FILES, Layout, detect_layout, load_dit, load_text_encoder, load_vae)
+from .layouts import RELEASE_FILES, Layout, detect_layout
+from .readers import METADATA_KEY, load_dit, load_text_encoder, load_vae
 
 TARGETS = ("official", "diffusers", "single")
 SHARD_BYTES = 5 * 10**9  # diffusers' conversion script writes the transformer in 5 GB shards

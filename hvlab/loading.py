@@ -2,8 +2,8 @@
 
 `load_pipeline` finds the checkpoint's layout (official ``ckpts/``, diffusers, single files: `hvlab.layouts`,
 which also holds `RELEASE_FILES` and `check_release_layout`), checks the memory plan, builds every model on the
-meta device and assigns its weights from memory-mapped files, and on CUDA swaps in the fast wing's blocks
-(`hvlab.fast.accelerate`). `random_pipeline` assembles a
+meta device and assigns its weights from memory-mapped files (`hvlab.readers`), and on CUDA swaps in the fast
+wing's blocks (`hvlab.fast.accelerate`). `random_pipeline` assembles a
 pipeline of any config with seeded random DiT and VAE weights around the text encoders it is given (the toy's
 builders, `hvlab.toy.model.random_toy_pipeline`, supply small ones).
 """
@@ -67,7 +67,8 @@ def load_pipeline(model_base=None, device=None, dtype=torch.bfloat16, fp8: bool 
     1280) with these settings and raises `hvlab.fast.memory.MemoryPlanError`, naming the settings that would fit,
     when it exceeds the card's free memory (or ``memory_limit_gib``). ``check_memory=False`` skips the check.
     """
-    from .layouts import detect_layout, dit_config_for, dit_is_fp8, load_dit, load_text_encoder, load_vae, vae_config_for
+    from .layouts import detect_layout
+    from .readers import dit_config_for, dit_is_fp8, load_dit, load_text_encoder, load_vae, vae_config_for
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     components = dict(dit=dit, vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2)

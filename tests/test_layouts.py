@@ -21,11 +21,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from hvlab.checkpoint import CheckpointError, load_state_dict_file, official_to_diffusers, save_safetensors
+from hvlab.checkpoint import CheckpointError, load_state_dict_file, save_safetensors
 from hvlab.convert import convert, release_vae_config
 from hvlab.fast.fp8 import FP8_DTYPE, FP8Linear, quantize_weight
-from hvlab.layouts import (CLIP_L_CONSTANTS, LAYOUTS, LLAMA3_CONSTANTS, RELEASE_FILES, CheckpointLayoutError,
-                           detect_layout, dit_config_from_shapes, load_dit, load_text_encoder,
+from hvlab.layouts import LAYOUTS, RELEASE_FILES, CheckpointLayoutError, component_from_path, detect_layout
+from hvlab.readers import (CLIP_L_CONSTANTS, LLAMA3_CONSTANTS, dit_config_from_shapes, load_dit, load_text_encoder,
                            text_config_from_shapes, vae_config_from_shapes)
 from hvlab.loading import load_pipeline
 from hvlab.model import HYVIDEO_T2_CONFIG, TINY_CONFIG, HYVideoDiffusionTransformer, randomize_weights_
@@ -225,8 +225,6 @@ def test_fp8_file_without_scales_loads_as_fp8_with_scale_one(folders, models, tm
 
 def test_scaled_fp8_text_encoder_is_dequantized_with_its_scales(folders, models):
     c = comfy_components(folders, llm="llava_llama3_fp8_scaled.safetensors")
-    from hvlab.layouts import component_from_path
-
     enc = load_text_encoder(component_from_path("text_encoder", c["text_encoder"]), dtype=torch.float32)
     raw, fp16 = load_file(c["text_encoder"]), models[2].state_dict()
     got = enc.model.state_dict()
@@ -312,7 +310,7 @@ def test_diffusers_reads_the_diffusers_folder(folders, official_pipe):
 
 
 def test_names_and_shapes_are_checked_before_any_weight_is_read(models, tmp_path, monkeypatch):
-    import hvlab.layouts
+    import hvlab.readers
 
     sd = dict(models[0].state_dict())
     sd["double_blocks.0.img_attn_proj.weight"] = torch.zeros(3, 3, dtype=torch.bfloat16)
@@ -322,9 +320,9 @@ def test_names_and_shapes_are_checked_before_any_weight_is_read(models, tmp_path
     def no_reading(*args, **kwargs):
         raise AssertionError("a weight was read before the names were checked")
 
-    monkeypatch.setattr(hvlab.layouts, "iter_safetensors", no_reading)
+    monkeypatch.setattr(hvlab.readers, "iter_safetensors", no_reading)
     with pytest.raises(CheckpointError) as err:
-        load_dit(hvlab.layouts.component_from_path("dit", tmp_path / "dit.safetensors"), DIT_CONFIG)
+        load_dit(component_from_path("dit", tmp_path / "dit.safetensors"), DIT_CONFIG)
     msg = str(err.value)
     assert "final_layer.linear.bias" in msg and "double_blocks.0.img_attn_proj.weight: expected (64, 64), got (3, 3)" in msg
 
@@ -377,7 +375,6 @@ def test_single_text_encoder_without_tokenizer_uses_the_built_in_one(folders, tm
     import shutil
 
     import hvlab.tokenizers
-    from hvlab.layouts import component_from_path
     from hvlab.toy.tokenizer import load_toy_tokenizer
 
     for name in ("clip_l.safetensors", "llava_llama3_fp16.safetensors"):
