@@ -8,9 +8,10 @@ dicts, lists and numbers.
 from __future__ import annotations
 
 import glob
+import math
 import os
 import pickle
-from typing import Mapping
+from typing import Iterable, Iterator, Mapping
 
 import torch
 
@@ -151,6 +152,101 @@ def save_safetensors(state_dict: Mapping[str, torch.Tensor], path: str, metadata
 
 
 
+
+# --- lazy reading: headers first, tensors memory-mapped, assigned into a model built on the meta device -----------
+#
+# A .safetensors file is an 8-byte header length, a JSON header (name -> dtype, shape, byte range) and the raw
+# bytes. safetensors' safe_open memory-maps the file: get_tensor returns a tensor whose storage *is* the file's
+# pages (nothing is read until it is touched), and the mapping lives until the last such tensor is gone. So a
+# tensor assigned as it is costs no copy, and one that is converted (dtype, device, fused) is read once and let go.
+
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64,
+                      "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+WINDOW_BYTES = 256 << 20  # tensors read per mapping: windows whose tensors were copied are released one by one
+
+
+def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, tuple[torch.dtype, tuple[int, ...]]],
+                                                              dict[str, str]]:
+    """``({name: (dtype, shape)}, metadata)`` of a .safetensors file, reading only its header."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(os.fspath(path), framework="pt") as f:
+            tensors = {}
+            for k in f.keys():
+                s = f.get_slice(k)
+                tensors[k] = (SAFETENSORS_DTYPES[s.get_dtype()], tuple(s.get_shape()))
+            return tensors, dict(f.metadata() or {})
+    except (OSError, SafetensorError) as e:
+        raise CheckpointError(f"{os.fspath(path)!r} is not a readable .safetensors file ({e})") from e
+
+
+def iter_safetensors(files: Iterable[str | os.PathLike], window_bytes: int = WINDOW_BYTES
+                     ) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) of each file in turn, memory-mapped, ~``window_bytes`` per mapping (see the note above)."""
+    from safetensors import safe_open
+
+    for path in files:
+        header, _ = read_safetensors_header(path)
+        windows, size = [[]], 0
+        for name, (dtype, shape) in header.items():
+            nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+            if windows[-1] and size + nbytes > window_bytes:
+                windows.append([])
+                size = 0
+            windows[-1].append(name)
+            size += nbytes
+        for names in windows:
+            with safe_open(os.fspath(path), framework="pt") as f:
+                for name in names:
+                    yield name, f.get_tensor(name)
+
+
+def meta_tensors(header: Mapping[str, tuple[torch.dtype, tuple[int, ...]]]) -> dict[str, torch.Tensor]:
+    """Stand-ins on the meta device with a header's dtypes and shapes: conversions run on them for free."""
+    return {k: torch.empty(shape, dtype=dtype, device="meta") for k, (dtype, shape) in header.items()}
+
+
+def assign_tensors(model: torch.nn.Module, items: Iterable[tuple[str, torch.Tensor]], what: str = "checkpoint",
+                   device=None, dtype: torch.dtype | None = None, copy: bool = False) -> torch.nn.Module:
+    """Put each (name, tensor) into ``model`` (typically built on the meta device) as it arrives, strictly.
+
+    Floating tensors are cast to ``dtype`` (None: kept as stored, FP8 outside an FP8 layer upcast to bf16) and
+    moved to ``device``; a tensor already right is assigned as it is (a memory-mapped one stays mapped, no copy)
+    unless ``copy``: then every tensor is copied, so no file stays mapped (worth it when part of the tensors is
+    copied anyway, as when diffusers' q, k, v are fused: else those windows' pages would stay counted too).
+    FP8 entries (`hvlab.fast.fp8.FP8Linear` weights) must arrive in FP8. Missing, unexpected and misshapen
+    entries raise a `CheckpointError` naming them; call `check_state_dict_keys` on meta stand-ins first to
+    fail before reading anything.
+    """
+    expected = model.state_dict(keep_vars=True)
+    got: dict[str, torch.Tensor] = {}
+    for name, t in items:
+        e = expected.get(name)
+        got[name] = torch.empty(t.shape, device="meta")
+        if e is None or tuple(e.shape) != tuple(t.shape):
+            continue  # reported below, with every other mismatch
+        if e.dtype.is_floating_point and e.dtype.itemsize == 1:
+            if t.dtype != e.dtype:
+                raise CheckpointError(f"{what}: {name} belongs to an FP8 layer and must be {e.dtype}, got {t.dtype}")
+            target = e.dtype
+        elif t.dtype.is_floating_point:  # an fp8 tensor outside an FP8 layer is upcast (exactly) to compute in
+            target = dtype or (torch.bfloat16 if t.dtype.itemsize == 1 else t.dtype)
+        else:
+            target = t.dtype
+        t = t.to(device=device if device is not None else (t.device if e.is_meta else e.device), dtype=target,
+                 copy=copy)
+        module_name, _, leaf = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        if leaf in module._parameters:
+            module._parameters[leaf] = torch.nn.Parameter(t, requires_grad=False)
+        else:
+            module._buffers[leaf] = t
+    check_state_dict_keys(expected, got, what)
+    return model
+
+
 # --- the HunyuanVideo DiT: official <-> diffusers key layouts ----------------------------------------------
 #
 # diffusers' HunyuanVideoTransformer3DModel stores the same numbers under other names, and unfuses three
@@ -266,11 +362,14 @@ def is_diffusers_dit_layout(sd: Mapping[str, torch.Tensor]) -> bool:
                for k in sd)
 
 
-def official_to_diffusers(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Official HunyuanVideo DiT state dict -> diffusers HunyuanVideoTransformer3DModel state dict."""
-    out: dict[str, torch.Tensor] = {}
+def iter_official_to_diffusers(items: Iterable[tuple[str, torch.Tensor]], hidden_size: int | None = None
+                               ) -> Iterator[tuple[str, torch.Tensor]]:
+    """Official (name, tensor) pairs -> diffusers pairs, one input at a time (splits are views: nothing is copied).
+
+    ``hidden_size`` (D) splits the single blocks' ``linear1.bias``; without it D is read off ``linear1.weight``,
+    which must then come first (it does in the state dict's order)."""
     unknown = []
-    for key, value in sd.items():
+    for key, value in items:
         for regex, o, d, how in _OFFICIAL_RE:
             m = regex.match(key)
             if m:
@@ -280,23 +379,31 @@ def official_to_diffusers(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Ten
             continue
         names = [dm.replace("{i}", m.groupdict().get("i") or "") + "." + m["param"] for dm in d]
         if how == "same":
-            out[names[0]] = value
+            yield names[0], value
         elif how == "swap":
-            out[names[0]] = _swap_halves(value)
-        else:  # qkv / qkv_mlp: row blocks; the hidden size D is the fused linear's input width
-            D = sd[key[: -len(m["param"])] + "weight"].shape[1]
-            out.update((n, value[a:b]) for n, (a, b) in zip(names, fused_row_blocks(how, value.shape[0], D)))
+            yield names[0], _swap_halves(value)
+        else:  # qkv / qkv_mlp: row blocks (views); qkv_mlp's D is linear1's input width
+            if m["param"] == "weight":
+                hidden_size = value.shape[1]
+            if how == "qkv_mlp" and hidden_size is None:
+                raise CheckpointError(f"{key}: splitting linear1 needs the hidden size; pass hidden_size")
+            yield from ((n, value[i:j]) for n, (i, j) in zip(names, fused_row_blocks(how, value.shape[0], hidden_size)))
     if unknown:
         raise CheckpointError(f"{len(unknown)} keys are not official HunyuanVideo DiT keys (first: {unknown[:5]})")
-    return out
 
 
-def diffusers_to_official(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """diffusers HunyuanVideoTransformer3DModel state dict -> official HunyuanVideo DiT state dict."""
+def official_to_diffusers(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Official HunyuanVideo DiT state dict -> diffusers HunyuanVideoTransformer3DModel state dict."""
+    hidden = next((v.shape[1] for k, v in sd.items() if k.endswith(".linear1.weight")), None)
+    return dict(iter_official_to_diffusers(sd.items(), hidden_size=hidden))
+
+
+def iter_diffusers_to_official(items: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+    """diffusers (name, tensor) pairs -> official pairs, one input at a time: a fused tensor is yielded as soon
+    as its last part arrives (so shards can be read one after another), a renamed one at once."""
     parts: dict[str, dict[int, torch.Tensor]] = {}
-    how_of: dict[str, tuple[str, int]] = {}
     unknown = []
-    for key, value in sd.items():
+    for key, value in items:
         for regex, part, o, d, how in _DIFFUSERS_RE:
             m = regex.match(key)
             if m:
@@ -305,18 +412,24 @@ def diffusers_to_official(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Ten
             unknown.append(key)
             continue
         okey = o.replace("{i}", m.groupdict().get("i") or "") + "." + m["param"]
-        parts.setdefault(okey, {})[part] = value
-        how_of[okey] = (how, len(d))
+        if len(d) == 1:
+            yield okey, _swap_halves(value) if how == "swap" else value
+            continue
+        got = parts.setdefault(okey, {})
+        got[part] = value
+        if len(got) == len(d):
+            del parts[okey]
+            yield okey, torch.cat([got[i] for i in range(len(d))], dim=0)
     if unknown:
         raise CheckpointError(f"{len(unknown)} keys are not diffusers HunyuanVideo keys (first: {unknown[:5]})")
-    out: dict[str, torch.Tensor] = {}
     for okey, got in parts.items():
-        how, n = how_of[okey]
-        if len(got) != n:
-            raise CheckpointError(f"{okey} is fused from {n} diffusers tensors but only parts {sorted(got)} were found")
-        value = torch.cat([got[i] for i in range(n)], dim=0)
-        out[okey] = _swap_halves(value) if how == "swap" else value
-    return out
+        n = next(len(d) for o, d, how in DIT_KEY_RULES if _pattern(o).match(okey))
+        raise CheckpointError(f"{okey} is fused from {n} diffusers tensors but only parts {sorted(got)} were found")
+
+
+def diffusers_to_official(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """diffusers HunyuanVideoTransformer3DModel state dict -> official HunyuanVideo DiT state dict."""
+    return dict(iter_diffusers_to_official(sd.items()))
 
 
 def load_dit_checkpoint(model: torch.nn.Module, path_or_state_dict, strict: bool = True) -> torch.nn.Module:

@@ -5,6 +5,7 @@
     hvlab generate --from-settings outputs/2025-01-01_12-00-00/settings.json   # the same video again
     hvlab generate --resume outputs/.../interrupted.pt                          # finish a run stopped with Ctrl-C
     hvlab info --model 13b
+    hvlab convert ckpts hv-diffusers --to diffusers                             # or official / single
     hvlab train-toy --out runs/toy        /  hvlab eval-toy --n 21
 
 Arguments keep the official sample_video.py names (--video-size, --infer-steps, --embedded-cfg-scale, ...).
@@ -35,7 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", default=None,
                    help=f"'toy' (shipped weights), a folder of toy-format weights, or a random-weight model for "
                         f"smoke tests: {MODELS[1:]} (default toy)")
-    g.add_argument("--model-base", default=None, help="release checkpoint folder (ckpts/ layout); overrides --model")
+    g.add_argument("--model-base", default=None, metavar="PATH",
+                   help="the release model in any layout hvlab reads (hvlab.layouts): the official ckpts/ folder, a "
+                        "diffusers HunyuanVideo folder (model_index.json), or a folder of single .safetensors files "
+                        "(ComfyUI's DiT in bf16 or fp8, VAE, llava_llama3, clip_l); the layout found is printed; "
+                        "overrides --model")
     g.add_argument("--video-size", type=int, nargs=2, metavar=("H", "W"), default=None)
     g.add_argument("--video-length", type=int, default=None, help=f"frames, 4k + 1 (release {RELEASE_DEFAULTS['video_length']})")
     g.add_argument("--infer-steps", type=int, default=None)
@@ -97,6 +102,24 @@ def build_parser() -> argparse.ArgumentParser:
                         "PRESET_ALIASES (13b)")
     i.add_argument("--depth", type=int, default=2, help="torchinfo depth")
 
+    c = sub.add_parser("convert", help="write a checkpoint in another layout (official, diffusers, single files)",
+                       description="Read SRC in any layout hvlab reads and write it to the new folder DST in the "
+                                   "layout --to: only names and containers change, never a number (a round trip "
+                                   "gives the same tensors, bit for bit). See docs/checkpoints.md.")
+    c.add_argument("src", nargs="?", default=None, metavar="SRC",
+                   help="checkpoint folder (official ckpts/, diffusers, or single files); may be omitted when "
+                        "every component is given with --dit/--vae/--text-encoder/--text-encoder-2")
+    c.add_argument("dst", metavar="DST", help="output folder (must not exist, or be empty)")
+    c.add_argument("--to", required=True, choices=("official", "diffusers", "single"), help="the layout to write")
+    for flag, role in (("--dit", "DiT"), ("--vae", "VAE"), ("--text-encoder", "LLM text encoder"),
+                       ("--text-encoder-2", "CLIP text encoder")):
+        c.add_argument(flag, default=None, metavar="PATH", help=f"the {role} as a file or folder (replaces SRC's)")
+    c.add_argument("--dit-config", default=None, metavar="PRESET|JSON",
+                   help="DiT config when the files do not give it: a preset of hvlab.model.PRESETS (13b, toy, "
+                        "tiny) or a JSON file of HYVideoConfig fields (default: from the layout or the shapes)")
+    c.add_argument("--vae-config", default=None, metavar="PRESET|JSON",
+                   help="VAE config likewise: a preset of hvlab.vae.VAE_PRESETS or a JSON file of VAEConfig fields")
+
     for name, target in (("train-toy", "hvlab.toy.train"), ("eval-toy", "hvlab.toy.evaluate")):
         t = sub.add_parser(name, help=f"forwards its arguments to python -m {target}", add_help=False)
         t.add_argument("args", nargs=argparse.REMAINDER)
@@ -145,6 +168,7 @@ def load_model(model: str = "toy", model_base: str | None = None, device: str | 
                              vae_tiling=vae_tiling, vae_tile_size=vae_tile_size, plan_size=plan_size,
                              memory_limit_gib=memory_limit_gib, check_memory=check_memory)
         enable_step_cache(pipe, cache, cache_threshold)
+        print(f"hvlab: loaded the {pipe.layout}", file=sys.stderr)
         return pipe
     if model in ("toy-random", "tiny-random"):
         from .toy.model import random_toy_pipeline
@@ -390,6 +414,36 @@ def cmd_info(args) -> None:
     print(f"toy weights: {'present' if have else 'absent'} in {WEIGHTS_DIR}")
 
 
+# ---- convert -------------------------------------------------------------------------------------
+
+def _config_arg(value: str | None, presets: dict, cls, flag: str):
+    if value is None:
+        return None
+    if value in presets:
+        return presets[value]
+    path = Path(value)
+    if not path.is_file():
+        raise ValueError(f"{flag} must be one of {sorted(presets)} or a JSON file, got {value!r}")
+    return cls(**json.loads(path.read_text()))
+
+
+def cmd_convert(args) -> None:
+    from .checkpoint import CheckpointError
+    from .convert import convert
+    from .model import PRESET_ALIASES, PRESETS, HYVideoConfig
+    from .vae import VAE_PRESETS, VAEConfig
+
+    dit_presets = dict(PRESETS, **{alias: PRESETS[name] for alias, name in PRESET_ALIASES.items()})
+    try:
+        written = convert(args.src, args.dst, args.to,
+                          dit_config=_config_arg(args.dit_config, dit_presets, HYVideoConfig, "--dit-config"),
+                          vae_config=_config_arg(args.vae_config, VAE_PRESETS, VAEConfig, "--vae-config"),
+                          dit=args.dit, vae=args.vae, text_encoder=args.text_encoder, text_encoder_2=args.text_encoder_2)
+    except (CheckpointError, FileExistsError) as e:
+        raise ValueError(str(e)) from e
+    print(f"wrote the {written}")
+
+
 # ---- entry point ---------------------------------------------------------------------------------
 
 def main(argv=None) -> int:
@@ -414,6 +468,8 @@ def main(argv=None) -> int:
                 print(out_dir)
         elif args.command == "info":
             cmd_info(args)
+        elif args.command == "convert":
+            cmd_convert(args)
     except (ValueError, FileNotFoundError, IndexError, MemoryPlanError) as e:  # bad input: the message names the fix
         parser.exit(2, f"hvlab {args.command}: error: {e}\n")
     return 0

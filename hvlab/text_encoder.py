@@ -183,11 +183,12 @@ def _load_tokenizer(path: Path, layout: str):
 
 def load_llm_encoder(path: str = "ckpts/text_encoder", dtype: torch.dtype = torch.float16, device="cpu",
                      template: dict | None = None, max_length: int = 256, hidden_state_skip_layer: int = 2,
-                     apply_final_norm: bool = False) -> TextEncoder:
+                     apply_final_norm: bool = False, tokenizer: str | Path | None = None) -> TextEncoder:
     """The LLM encoder from a local folder (never downloads), with the official settings.
 
     ``template`` defaults to ``PROMPT_TEMPLATE["dit-llm-encode-video"]``. A LlavaForConditionalGeneration
-    folder is loaded whole, then only its language model is kept.
+    folder is loaded whole, then only its language model is kept. ``tokenizer``: the tokenizer's folder when it
+    is not ``path`` itself (diffusers keeps it in tokenizer/ beside text_encoder/).
     """
     from transformers import AutoModel
     from .prompts import PROMPT_TEMPLATE
@@ -202,7 +203,7 @@ def load_llm_encoder(path: str = "ckpts/text_encoder", dtype: torch.dtype = torc
         del full
     else:
         model = AutoModel.from_pretrained(str(path), dtype=dtype, local_files_only=True)
-    tokenizer = _load_tokenizer(path, LLM_LAYOUT)
+    tokenizer = _load_tokenizer(Path(tokenizer) if tokenizer is not None else path, LLM_LAYOUT)
     encoder = TextEncoder(model, tokenizer, "llm", max_length,
                           template=PROMPT_TEMPLATE["dit-llm-encode-video"] if template is None else template,
                           hidden_state_skip_layer=hidden_state_skip_layer, apply_final_norm=apply_final_norm)
@@ -210,14 +211,15 @@ def load_llm_encoder(path: str = "ckpts/text_encoder", dtype: torch.dtype = torc
 
 
 def load_clip_encoder(path: str = "ckpts/text_encoder_2", dtype: torch.dtype = torch.float16, device="cpu",
-                      max_length: int = 77) -> TextEncoder:
-    """CLIP-L's text tower from a local folder (never downloads); the vision tower is not loaded."""
+                      max_length: int = 77, tokenizer: str | Path | None = None) -> TextEncoder:
+    """CLIP-L's text tower from a local folder (never downloads); the vision tower is not loaded.
+    ``tokenizer``: the tokenizer's folder when it is not ``path`` (diffusers: tokenizer_2/)."""
     from transformers import CLIPTextModel
 
     path = Path(path)
     _read_config(path, "CLIP text encoder", CLIP_LAYOUT)
     model = CLIPTextModel.from_pretrained(str(path), dtype=dtype, local_files_only=True)
-    tokenizer = _load_tokenizer(path, CLIP_LAYOUT)
+    tokenizer = _load_tokenizer(Path(tokenizer) if tokenizer is not None else path, CLIP_LAYOUT)
     return TextEncoder(model, tokenizer, "clip", max_length).to(device)
 
 

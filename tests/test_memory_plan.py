@@ -9,6 +9,7 @@ import torch
 import hvlab.checkpoint
 import hvlab.fast.fp8
 import hvlab.fast.memory as M
+import hvlab.readers
 import hvlab.text_encoder
 import hvlab.vae
 from hvlab import cli
@@ -37,8 +38,11 @@ def release(tmp_path, monkeypatch):
         reads.append(args[:1])
         raise ReadWeights(args[:1])
 
+    # each module that binds a reader at import is patched where it is used; hvlab.readers (load_pipeline's
+    # loaders) is imported above, so its binding is the real reader whichever test imports the loaders first
     for module, name in ((hvlab.checkpoint, "load_state_dict_file"), (hvlab.fast.fp8, "load_state_dict_file"),
-                         (hvlab.vae, "load_state_dict_file"), (hvlab.text_encoder, "load_llm_encoder"),
+                         (hvlab.vae, "load_state_dict_file"), (hvlab.readers, "load_state_dict_file"),
+                         (hvlab.text_encoder, "load_llm_encoder"),
                          (hvlab.text_encoder, "load_clip_encoder"), (torch, "load")):
         monkeypatch.setattr(module, name, reader)
     return base, reads

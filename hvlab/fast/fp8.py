@@ -503,6 +503,24 @@ def default_map_path(ckpt_path: str | os.PathLike) -> str:
     return root + "_map" + ext
 
 
+def make_fp8_layers(model: nn.Module, names, what: str = "checkpoint") -> nn.Module:
+    """Replace each ``nn.Linear`` named in ``names`` by an empty `FP8Linear` of the same shape (scale 1), on the
+    Linear's device (meta included), ready to receive a file's fp8 weight. Raises naming a name that is not a
+    Linear of the model."""
+    for n in sorted(names):
+        try:
+            m = model.get_submodule(n)
+        except AttributeError as e:
+            raise CheckpointError(f"{what}: the model has no module {n!r} for the fp8 weight {n}.weight") from e
+        if isinstance(m, nn.Linear):
+            dtype = m.bias.dtype if m.bias is not None else torch.bfloat16
+            _replace(model, n, FP8Linear(m.in_features, m.out_features, m.bias is not None, device=m.weight.device,
+                                         dtype=dtype))
+        elif not isinstance(m, FP8Linear):
+            raise CheckpointError(f"{n}.weight is fp8 in {what} but {n} is a {type(m).__name__}, not nn.Linear")
+    return model
+
+
 def load_fp8_checkpoint(model: nn.Module, ckpt_path: str | os.PathLike, map_path: str | os.PathLike | None = None,
                         mode: str = "auto", device: torch.device | str | None = None) -> nn.Module:
     """Load the official FP8 pair into ``model`` (which may live on "meta": tensors are then assigned, so the
@@ -521,17 +539,7 @@ def load_fp8_checkpoint(model: nn.Module, ckpt_path: str | os.PathLike, map_path
             f"{sorted(fp8_names - set(fp8_map))[:5]}, "
             f"scales without an fp8 weight {sorted(set(fp8_map) - fp8_names)[:5]}"
         )
-    for n in sorted(fp8_names):
-        try:
-            m = model.get_submodule(n)
-        except AttributeError as e:
-            raise CheckpointError(f"{ckpt_path}: the model has no module {n!r} for the fp8 weight {n}.weight") from e
-        if isinstance(m, nn.Linear):
-            dtype = m.bias.dtype if m.bias is not None else torch.bfloat16
-            m = FP8Linear(m.in_features, m.out_features, m.bias is not None, device=m.weight.device, dtype=dtype)
-            _replace(model, n, m)
-        elif not isinstance(m, FP8Linear):
-            raise CheckpointError(f"{n}.weight is fp8 in {ckpt_path} but {n} is a {type(m).__name__}, not nn.Linear")
+    make_fp8_layers(model, fp8_names, what=os.fspath(ckpt_path))
     # assign=True (meta models) keeps the file's dtypes: cast the bf16/fp32 tensors to the model's, as a copy would
     expected = model.state_dict()
     sd = {k: v.to(expected[k].dtype) if k in expected and v.dtype not in (FP8_DTYPE, expected[k].dtype) else v
