@@ -130,6 +130,56 @@ def test_fp8_through_accelerate_and_back():
     assert _rel(back, fp8) < 1e-2  # same weights; only the fast blocks' roundings differ
 
 
+def _single_block_peak(monkeypatch, chunk_tokens, L_img=118_800, L_txt=256, D=3072, heads=24):
+    """Peak bytes of the tensors one FastSingleStreamBlock forward allocates (its input excluded), traced on the
+    meta device at the 720p token count, and U = one (1, L, D) bf16 tensor. norm_rope and attention are stand-ins
+    that allocate what their CUDA kernels allocate (their output, or nothing with ``out=``), so the trace counts
+    what the GPU holds, not the eager CPU path's float32 temporaries."""
+    from hvlab.fast import blocks as fast_blocks
+    from hvlab.fast.memory import _attention_stub, _LiveBytes
+
+    def norm_rope_like_the_kernel(x, norm, freqs_cis=None, n_rope=None, dtype=None, backend="auto", out=None):
+        return torch.empty(x.shape, dtype=dtype or x.dtype, device=x.device) if out is None else out
+
+    monkeypatch.setattr(fast_blocks, "norm_rope", norm_rope_like_the_kernel)
+    kw = dict(device="meta", dtype=torch.bfloat16)
+    block = accelerate(MMSingleStreamBlock(D, heads).to(**kw), chunk_tokens=chunk_tokens, fused="eager")
+    block.attn_fn = _attention_stub
+    L = L_img + L_txt
+    x, vec = torch.empty(1, L, D, **kw), torch.empty(1, D, **kw)
+    freqs = tuple(torch.empty(L_img, D // heads, device="meta") for _ in range(2))
+    with torch.no_grad():
+        track = _LiveBytes()
+        with track:
+            out = block(x, vec, L_img, freqs)
+            del out
+    # the tracer also counts the transposed weight a linear reads (a view of a tensor made outside it)
+    weight = max(m.weight.numel() * 2 for m in (block.linear1, block.linear2))
+    return track.peak, L * D * 2, block.linear2.weight.numel() * 2, weight
+
+
+def test_unchunked_single_block_holds_linear1_output_once(monkeypatch):
+    """bench_dit.py --impls hvlab-fp8 at 720p peaked 0.68 GiB (one (L, D) tensor) higher after the fast path moved
+    into hvlab/fast/ (24.38 GiB, H200) than before (23.7, H100): unchunked, the block copied linear1's whole output
+    (7 U) into q, k, v and mlp_in buffers (7 U more) while x_mod (U) was alive: 15 U. Without buffers v and mlp_in
+    stay views of linear1's output and the peak is at linear2's input: linear1's output 7 U + attention output U
+    + [attention | GELU(mlp_in)] 5 U (the non-FP8 path; FP8's fused quantiser writes 2.5 U) + linear2's output U
+    = 14 U, plus linear2's weight that the tracer counts (0.13 U). Measured exactly that (15 U + linear1's
+    weight with the buffers); 0.01 U of slack for the per-sample modulation vectors."""
+    peak, U, w2, _ = _single_block_peak(monkeypatch, None)
+    assert peak <= 14.01 * U + w2, f"peak {(peak - w2) / U:.3f} (L, D) tensors besides linear2's weight, expected 14"
+    assert peak >= 13 * U  # the trace saw the block's tensors (not an empty trace)
+
+
+def test_chunked_single_block_holds_buffers_and_one_chunk(monkeypatch):
+    """With chunks of c tokens (f = c / L of the sequence) the buffers q, k, v, mlp_in (7 U) are the point: the
+    peak is 8 U at attention (buffers + its output), or 7 U + one chunk of x_mod and linear1's output (8 f U)."""
+    chunk = 16_384
+    peak, U, _, weight = _single_block_peak(monkeypatch, chunk)
+    f = chunk / (118_800 + 256)
+    assert 8 * U <= peak <= (8 + 8 * f) * U + weight, f"peak {peak / U:.2f} U, f = {f:.3f}"
+
+
 def test_bad_settings_are_refused_by_name():
     model = _model()
     for bad in (0, -3, 2.5, True):

@@ -26,8 +26,8 @@ Where the numbers come from:
 the loader settings that would fit.
 For cards too small even for that, `hvlab.fast.offload.BlockOffloader` keeps the DiT blocks on the CPU and streams two at a time.
 
-At 720x1280x129 (118,800 image tokens) the plan gives: text 15.6 GiB; DiT bf16 unchunked 43.0, FP8 unchunked
-30.2, FP8 with 16,384-token chunks 22.5 (12.3 weights + 8.0 activations), with block offload 10.4; VAE at the
+At 720x1280x129 (118,800 image tokens) the plan gives: text 15.6 GiB; DiT bf16 unchunked 40.8, FP8 unchunked
+28.1, FP8 with 16,384-token chunks 22.2 (12.3 weights + 7.9 activations), with block offload 10.2; VAE at the
 release's 256 px / 64-frame tiles 8.0 — all including the 10% margin. Measured peaks belong in
 ``benchmarks/e2e_720p.py``'s report; the plan is an estimate.
 """
