@@ -10,6 +10,7 @@ from __future__ import annotations
 import glob
 import os
 import pickle
+import zipfile
 from typing import Mapping
 
 import torch
@@ -48,6 +49,10 @@ def read_torch_file(path, what: str = "checkpoint") -> object:
     size = _check_file(path, what)
     with open(path, "rb") as f:
         head = f.read(4)
+    if head == _ZIP_MAGIC and not zipfile.is_zipfile(path):  # the archive's directory sits at its end
+        raise CheckpointError(f"{what} {path!r} ({size:,} bytes) is truncated: it starts as a torch zip archive but its "
+                              f"end (the archive's directory) is missing; the download or copy did not finish, fetch "
+                              f"the file again")
     if not head.startswith((_ZIP_MAGIC, _PICKLE_MAGIC)):
         raise CheckpointError(f"{what} {path!r} is not a torch file: it starts with the bytes {head!r}, not a torch "
                               f"zip archive ({_ZIP_MAGIC!r}) or a pickle ({_PICKLE_MAGIC!r}); is it another format "

@@ -62,7 +62,7 @@ def check_int(value, name: str, minimum: int | None = None, maximum: int | None 
             nearest = max(nearest, minimum) if minimum is not None else nearest
             nearest = min(nearest, maximum) if maximum is not None else nearest
             hint = f"; nearest valid: {nearest}"
-        raise ValueError(f"{name} must be an int{rng}{note}, got {_got(value)}{hint}{cli(name)}")
+        raise ValueError(f"{name} must be an int{rng}{note}, got {value!r} ({type(value).__name__}){hint}{cli(name)}")
     if minimum is not None and value < minimum or maximum is not None and value > maximum:
         nearest = minimum if minimum is not None and value < minimum else maximum
         raise ValueError(f"{name} must be an int{rng}{note}, got {value}; nearest valid: {nearest}{cli(name)}")
@@ -146,10 +146,10 @@ def check_prompt_text(text, name: str = "prompt", allow_empty: bool = False) -> 
         raw = text[e.start:e.end].encode("utf-8", "surrogateescape")
         raise ValueError(f"{name} is not valid UTF-8 text: the bytes {raw!r} at character {e.start} could "
                          f"not be decoded (the terminal or file is not UTF-8); retype the prompt or save the file "
-                         f"as UTF-8") from None
+                         f"as UTF-8{cli(name)}") from None
     if not allow_empty and not text.strip():
         raise ValueError(f"{name} is empty{' (only whitespace)' if text else ''}, got {text!r}: describe "
-                         f"the video, e.g. 'a red circle moving right'")
+                         f"the video, e.g. 'a red circle moving right'{cli(name)}")
     return text
 
 
@@ -161,21 +161,21 @@ def check_device(value, name: str = "device") -> str:
         dev = torch.device(value)
     except (RuntimeError, TypeError, ValueError):
         raise ValueError(f"{name} must name a torch device such as 'cpu', 'cuda' or 'cuda:0', "
-                         f"got {value!r}") from None
+                         f"got {value!r}{cli(name)}") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             why = ("this torch is a CPU-only build" if torch.version.cuda is None
                    else f"torch {torch.__version__} (CUDA {torch.version.cuda}) sees no CUDA card")
             raise ValueError(f"{name} is {value!r} but CUDA is not available here ({why}); nearest valid: "
-                             f"'cpu'")
+                             f"'cpu'{cli(name)}")
         n = torch.cuda.device_count()
         if dev.index is not None and dev.index >= n:
             raise ValueError(f"{name} is {value!r} but this machine has {n} CUDA card(s) (cuda:0 .. "
-                             f"cuda:{n - 1}); nearest valid: 'cuda:{n - 1}'")
+                             f"cuda:{n - 1}); nearest valid: 'cuda:{n - 1}'{cli(name)}")
     elif dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise ValueError(f"{name} is {value!r} but MPS is not available here; nearest valid: 'cpu'")
+        raise ValueError(f"{name} is {value!r} but MPS is not available here; nearest valid: 'cpu'{cli(name)}")
     elif dev.type not in ("cpu", "cuda", "mps", "meta"):
-        raise ValueError(f"{name} must be 'cpu', 'cuda' or 'mps', got {value!r}")
+        raise ValueError(f"{name} must be 'cpu', 'cuda' or 'mps', got {value!r}{cli(name)}")
     return str(dev)
 
 
