@@ -353,6 +353,20 @@ def test_api_refuses_an_absurd_size_before_drawing_noise(pipe, monkeypatch):
 
 
 @case(4)
+def test_the_guard_reads_a_cards_free_memory_on_cuda(pipe, monkeypatch):
+    """The GPU path on a CPU machine: the pipeline says cuda, a fake card has 1 GiB free."""
+    import hvlab.fast.memory as M
+    from hvlab.fast.run_size import check_run_size
+
+    monkeypatch.setattr(M, "card_memory", lambda device: (1 * M.GiB, 80 * M.GiB))
+    monkeypatch.setattr(pipe, "device", torch.device("cuda"))
+    with pytest.raises(MemoryPlanError, match=r"2048x2048x9 .* needs ~\d+\.\d GiB on cuda in the \w+ stage but the card "
+                                              r"has 1.0 GiB free \(of 80.0\).*Settings that fit: --video-size"):
+        check_run_size(pipe, 2048, 2048, 9)
+    assert check_run_size(pipe, 64, 64, 9)["device"].type == "cuda"  # the tiny default fits in 1 GiB
+
+
+@case(4)
 def test_a_long_cpu_run_prints_its_estimated_time(capsys, tmp_path, monkeypatch):
     from hvlab.pipeline import HunyuanVideoPipeline
 
