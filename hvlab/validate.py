@@ -19,6 +19,8 @@ import numbers
 import os
 import warnings
 
+from .runs import RELEASE_DEFAULTS
+
 # API argument -> the `hvlab generate` flag that sets it (a message names both)
 FLAGS = {
     "prompt": "PROMPT", "negative_prompt": "--neg-prompt", "height": "--video-size H", "width": "--video-size W",
@@ -95,7 +97,8 @@ def check_number(value, name: str, minimum: float | None = None, maximum: float 
 
 # ---- generation settings ---------------------------------------------------------------------------------------
 
-def check_steps(n, name: str = "num_inference_steps", default: int = 50) -> int:
+def check_steps(n, name: str = "num_inference_steps", default: int = RELEASE_DEFAULTS["num_inference_steps"]) -> int:
+    """A step count >= 1 (``default`` names the official one in the message: 50, or 1000 for training)."""
     return check_int(n, name, minimum=1, note=f"official default {default}")
 
 
@@ -121,15 +124,18 @@ def check_embedded_guidance_scale(value, has_embedding: bool | None = None, name
         raise ValueError(f"{name} was given ({value!r}), but this DiT has no guidance embedding "
                          f"(config.guidance_embed=False, like the toy, which samples with true CFG): it would be "
                          f"ignored. Drop it, or use guidance_scale (--cfg-scale) for true CFG{cli(name)}")
-    return check_number(value, name, above=0.0, example=6.0,
-                        note="the guidance a distilled DiT embeds; the release uses 6.0")
+    default = RELEASE_DEFAULTS["embedded_guidance_scale"]
+    return check_number(value, name, above=0.0, example=default,
+                        note=f"the guidance a distilled DiT embeds; the release uses {default}")
 
 
-def check_flow_shift(value, name: str = "flow_shift", default: float = 7.0) -> float:
+def check_flow_shift(value, name: str = "flow_shift", default: float = RELEASE_DEFAULTS["flow_shift"]) -> float:
+    """The sigma grid's shift: a finite number > 0."""
     return check_number(value, name, above=0.0, example=default, note=f"official default {default}")
 
 
 def check_bool(value, name: str) -> bool:
+    """A real bool (a JSON "yes" or 1 is refused)."""
     if not isinstance(value, bool):
         raise ValueError(f"{name} must be true or false, got {_got(value)}{cli(name)}")
     return value
@@ -204,7 +210,7 @@ def check_generation_values(*, height=None, width=None, video_length=None, num_i
             for s in seed:
                 check_seed(s, name="seed")
         else:
-            check_seed(seed, count=n_prompts * (num_videos_per_prompt or 1))
+            check_seed(seed, count=n_prompts * (1 if num_videos_per_prompt is None else num_videos_per_prompt))
     if guidance_scale is not None:
         check_guidance_scale(guidance_scale)
     check_embedded_guidance_scale(embedded_guidance_scale, has_guidance_embedding)
