@@ -278,7 +278,7 @@ def check_generate_args(args) -> None:
     validate.check_generation_values(
         height=h, width=w, video_length=args.video_length, num_inference_steps=args.infer_steps, seed=args.seed,
         guidance_scale=args.cfg_scale, embedded_guidance_scale=args.embedded_cfg_scale, flow_shift=args.flow_shift,
-        num_videos_per_prompt=args.num_videos, seed_device=args.seed_device)
+        num_videos_per_prompt=args.num_videos, seed_device=args.seed_device, official=RELEASE_DEFAULTS)
     validate.check_run_options(args)
     if args.device is not None:
         validate.check_device(args.device)
@@ -309,7 +309,7 @@ def _ordinal(n: int) -> str:
 
 
 def cmd_generate(args):
-    """Run ``hvlab generate``; returns (output folder, GenerationOutput, the absolute paths of the files written).
+    """Run ``hvlab generate``; returns (output folder, GenerationOutput); ``out.files`` lists the files written.
 
     Every flag is checked before the model loads, then the output folder is claimed (`hvlab.outputs`): a
     failed run removes the folder it made, and the lock keeps a second run with the same --save-path out."""
@@ -407,7 +407,7 @@ def _generate(folder, args, run: dict, settings, state, rank: int):
         settings = broadcast_from_rank0(settings)  # a randomly drawn seed must be rank 0's everywhere
         if rank != 0:  # the same denoising loop (1/N of each step), no decode, no files
             pipe.generate(settings, latents=latents, start_step=start)
-            return None, None, []
+            return None, None
     out_dir = folder.path
     n = settings.num_inference_steps
     every = args.preview_every if args.preview_every is not None else max(1, -(-n // 8))
@@ -455,7 +455,8 @@ def _generate(folder, args, run: dict, settings, state, rank: int):
         with holding_sigint(reraise=False):
             path = save_state(out_dir / "interrupted.pt", out.latents, n, settings.to_dict())
         _stopped(path, "decode", n)
-    return out_dir, out, files
+    out.files = files
+    return out_dir, out
 
 
 def _stopped(path, stage: str, step: int):
@@ -580,10 +581,10 @@ def _main(parser, args) -> int:
 
     try:
         if args.command == "generate":
-            out_dir, _, files = cmd_generate(args)
+            out_dir, out = cmd_generate(args)
             if out_dir is not None:  # None on sequence-parallel ranks other than 0
-                print(f"wrote {len(files)} files to {out_dir}:")
-                for f in files:
+                print(f"wrote {len(out.files)} files to {out_dir}:")
+                for f in out.files:
                     print(f"  {f}")
         elif args.command == "info":
             cmd_info(args)

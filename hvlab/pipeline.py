@@ -268,7 +268,7 @@ class HunyuanVideoPipeline:
             seed=seed, guidance_scale=guidance_scale, embedded_guidance_scale=embedded_guidance_scale,
             flow_shift=flow_shift, flow_reverse=flow_reverse, num_videos_per_prompt=num_videos_per_prompt,
             seed_device=seed_device, has_guidance_embedding=self.transformer.config.guidance_embed,
-            n_prompts=len(prompts))
+            n_prompts=len(prompts), official=RELEASE_DEFAULTS)
         height = d["height"] if height is None else height
         width = d["width"] if width is None else width
         video_length = d["video_length"] if video_length is None else video_length
@@ -312,7 +312,8 @@ class HunyuanVideoPipeline:
             flow_shift=float(flow_shift if flow_shift is not None else d["flow_shift"]),
             flow_reverse=bool(d["flow_reverse"] if flow_reverse is None else flow_reverse),
             num_videos_per_prompt=num_videos_per_prompt, seed_device=validate.check_device(seed_device, "seed_device"))
-        validate.check_settings(settings, has_guidance_embedding=self.transformer.config.guidance_embed)
+        validate.check_settings(settings, has_guidance_embedding=self.transformer.config.guidance_embed,
+                                official=RELEASE_DEFAULTS)
         return settings
 
     def __call__(self, prompt=None, negative_prompt=None, *, height=None, width=None, video_length=None,
@@ -368,7 +369,8 @@ class HunyuanVideoPipeline:
         if not isinstance(s, GenerationSettings):
             raise TypeError(f"settings must be a GenerationSettings (pipe.settings_for(...) or "
                             f"GenerationSettings.from_dict(...)), got {type(s).__name__}")
-        validate.check_settings(s, has_guidance_embedding=self.transformer.config.guidance_embed)
+        validate.check_settings(s, has_guidance_embedding=self.transformer.config.guidance_embed,
+                                official=RELEASE_DEFAULTS)
         start_step = validate.check_resume_step(start_step, s.num_inference_steps, source="start_step")
         if latents is not None:
             expected = (len(s.seeds), *self.latent_shape(s.height, s.width, s.video_length))

@@ -66,7 +66,7 @@ class GenerationSettings:
         if missing:
             raise ValueError(f"{where}generation settings lack {missing}; expected the keys {sorted(names)}")
         s = cls(**{k: v for k, v in d.items() if k in names})
-        check_settings(s, source)
+        check_settings(s, source, official=RELEASE_DEFAULTS)
         return s
 
     @classmethod
@@ -113,6 +113,7 @@ class GenerationOutput:
     latents: torch.Tensor  # (B, C, T, H, W) final denoised latents (unscaled for the VAE: already / scaling)
     settings: GenerationSettings
     timings: dict = field(default_factory=dict)
+    files: list[str] = field(default_factory=list)  # absolute paths of the files written for it (the CLI's listing)
 
     def frames_uint8(self):
         """(B, F, H, W, 3) numpy uint8."""

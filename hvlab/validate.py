@@ -10,7 +10,9 @@ Two habits hold throughout. ``None`` means "the model's default" and nothing els
 any other invalid value, never replaced by a default (no ``value or default``). And a message names the API
 argument and ends with the ``hvlab generate`` flag that sets it (`FLAGS`), so one rule serves both.
 
-This module imports no torch at import time (the CLI validates its flags before the model loads).
+This module imports no torch at import time (the CLI validates its flags before the model loads), and nothing
+of hvlab's at module level: `hvlab.runs` checks the settings files it reads with it, and passes the release's
+defaults (``official=RELEASE_DEFAULTS``) that the messages name.
 """
 from __future__ import annotations
 
@@ -18,8 +20,6 @@ import math
 import numbers
 import os
 import warnings
-
-from .runs import RELEASE_DEFAULTS
 
 # API argument -> the `hvlab generate` flag that sets it (a message names both)
 FLAGS = {
@@ -97,9 +97,9 @@ def check_number(value, name: str, minimum: float | None = None, maximum: float 
 
 # ---- generation settings ---------------------------------------------------------------------------------------
 
-def check_steps(n, name: str = "num_inference_steps", default: int = RELEASE_DEFAULTS["num_inference_steps"]) -> int:
-    """A step count >= 1 (``default`` names the official one in the message: 50, or 1000 for training)."""
-    return check_int(n, name, minimum=1, note=f"official default {default}")
+def check_steps(n, name: str = "num_inference_steps", default: int | None = None) -> int:
+    """A step count >= 1 (``default``, named in the message: the release's 50, or 1000 training timesteps)."""
+    return check_int(n, name, minimum=1, note=f"official default {default}" if default is not None else "")
 
 
 def check_seed(seed, count: int = 1, name: str = "seed") -> int:
@@ -116,7 +116,8 @@ def check_guidance_scale(value, name: str = "guidance_scale") -> float:
                         note="1.0 = true CFG off, as the release; > 1 uses the negative prompt")
 
 
-def check_embedded_guidance_scale(value, has_embedding: bool | None = None, name: str = "embedded_guidance_scale"):
+def check_embedded_guidance_scale(value, has_embedding: bool | None = None, name: str = "embedded_guidance_scale",
+                                  default: float | None = None):
     """None, or a finite number > 0 for a DiT with a guidance embedding (``config.guidance_embed``)."""
     if value is None:
         return None
@@ -124,14 +125,14 @@ def check_embedded_guidance_scale(value, has_embedding: bool | None = None, name
         raise ValueError(f"{name} was given ({value!r}), but this DiT has no guidance embedding "
                          f"(config.guidance_embed=False, like the toy, which samples with true CFG): it would be "
                          f"ignored. Drop it, or use guidance_scale (--cfg-scale) for true CFG{cli(name)}")
-    default = RELEASE_DEFAULTS["embedded_guidance_scale"]
     return check_number(value, name, above=0.0, example=default,
-                        note=f"the guidance a distilled DiT embeds; the release uses {default}")
+                        note="the guidance a distilled DiT embeds" + (f"; the release uses {default}" if default else ""))
 
 
-def check_flow_shift(value, name: str = "flow_shift", default: float = RELEASE_DEFAULTS["flow_shift"]) -> float:
-    """The sigma grid's shift: a finite number > 0."""
-    return check_number(value, name, above=0.0, example=default, note=f"official default {default}")
+def check_flow_shift(value, name: str = "flow_shift", default: float | None = None) -> float:
+    """The sigma grid's shift: a finite number > 0 (``default``, named in the message: the release's 7.0)."""
+    return check_number(value, name, above=0.0, example=default,
+                        note=f"official default {default}" if default is not None else "")
 
 
 def check_bool(value, name: str) -> bool:
@@ -188,13 +189,15 @@ def check_device(value, name: str = "device") -> str:
 def check_generation_values(*, height=None, width=None, video_length=None, num_inference_steps=None, seed=None,
                             guidance_scale=None, embedded_guidance_scale=None, flow_shift=None, flow_reverse=None,
                             num_videos_per_prompt=None, seed_device=None, has_guidance_embedding=None,
-                            n_prompts: int = 1) -> None:
+                            n_prompts: int = 1, official: dict | None = None) -> None:
     """Check the generation arguments that were given (None = the model's default, not checked here).
 
-    Called by `HunyuanVideoPipeline.settings_for` and, before the model loads, by ``hvlab generate``.
+    Called by `HunyuanVideoPipeline.settings_for` and, before the model loads, by ``hvlab generate``;
+    ``official`` (`hvlab.runs.RELEASE_DEFAULTS`) gives the release defaults the messages name.
     """
     from .video import check_video_length, check_video_size
 
+    official = {} if official is None else official
     if height is not None or width is not None:
         h = check_int(height, "height") if height is not None else 16
         w = check_int(width, "width") if width is not None else 16
@@ -202,7 +205,7 @@ def check_generation_values(*, height=None, width=None, video_length=None, num_i
     if video_length is not None:
         check_video_length(check_int(video_length, "video_length"))
     if num_inference_steps is not None:
-        check_steps(num_inference_steps)
+        check_steps(num_inference_steps, default=official.get("num_inference_steps"))
     if num_videos_per_prompt is not None:
         check_int(num_videos_per_prompt, "num_videos_per_prompt", minimum=1)
     if seed is not None:
@@ -213,16 +216,18 @@ def check_generation_values(*, height=None, width=None, video_length=None, num_i
             check_seed(seed, count=n_prompts * (1 if num_videos_per_prompt is None else num_videos_per_prompt))
     if guidance_scale is not None:
         check_guidance_scale(guidance_scale)
-    check_embedded_guidance_scale(embedded_guidance_scale, has_guidance_embedding)
+    check_embedded_guidance_scale(embedded_guidance_scale, has_guidance_embedding,
+                                  default=official.get("embedded_guidance_scale"))
     if flow_shift is not None:
-        check_flow_shift(flow_shift)
+        check_flow_shift(flow_shift, default=official.get("flow_shift"))
     if flow_reverse is not None:
         check_bool(flow_reverse, "flow_reverse")
     if seed_device is not None:
         check_device(seed_device, "seed_device")
 
 
-def check_settings(s, source: str | None = None, has_guidance_embedding: bool | None = None) -> None:
+def check_settings(s, source: str | None = None, has_guidance_embedding: bool | None = None,
+                   official: dict | None = None) -> None:
     """Every field of a `hvlab.runs.GenerationSettings` (e.g. read from a settings.json or a resume file):
     types, ranges and the relations between fields. ``source`` (a file) starts the message."""
     from .prompts import validate_prompts
@@ -247,7 +252,7 @@ def check_settings(s, source: str | None = None, has_guidance_embedding: bool | 
                                 num_inference_steps=s.num_inference_steps, guidance_scale=s.guidance_scale,
                                 embedded_guidance_scale=s.embedded_guidance_scale, flow_shift=s.flow_shift,
                                 flow_reverse=s.flow_reverse, num_videos_per_prompt=s.num_videos_per_prompt,
-                                has_guidance_embedding=has_guidance_embedding)
+                                has_guidance_embedding=has_guidance_embedding, official=official)
         if not isinstance(s.seed_device, str):
             raise ValueError(f"seed_device must be a device name such as 'cpu', got {_got(s.seed_device)}")
     except (ValueError, TypeError) as e:

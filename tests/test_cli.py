@@ -19,8 +19,7 @@ PROMPT = "a red circle moving right"
 
 
 def generate(*argv):
-    out_dir, out, _ = cli.cmd_generate(cli.build_parser().parse_args(["generate", *argv, "--quiet"]))
-    return out_dir, out
+    return cli.cmd_generate(cli.build_parser().parse_args(["generate", *argv, "--quiet"]))
 
 
 def test_generate_writes_the_video_settings_and_pictures_and_the_settings_reproduce_it(tmp_path):
@@ -53,7 +52,7 @@ def test_concept_maps_from_the_command_line_for_words_that_need_not_be_in_the_pr
     saved = torch.load(out_dir / "attention.pt")
     assert saved["labels"] == ["red", "triangle"] and saved["maps"].shape[3] == 2
     torch.testing.assert_close(saved["maps"].sum(3), torch.ones_like(saved["maps"].sum(3)))  # softmax over words
-    with pytest.raises(SystemExit, match="not in the prompt"):  # cross-attention maps need prompt words
+    with pytest.raises(ValueError, match="not in the prompt"):  # cross-attention maps need prompt words
         generate(PROMPT, "--model", "tiny-random", "--infer-steps", "3", "--record-attention", "triangle",
                  "--save-path", str(tmp_path / "d"))
 

@@ -91,7 +91,7 @@ def test_cli_under_torchrun_gives_the_single_process_latents(tmp_path):
     lines = run.stdout.strip().splitlines()  # printed by rank 0 only: the files it wrote
     assert lines[0] == f"wrote {len(lines) - 1} files to {tmp_path / 'sp'}:"
     assert sorted(Path(x.strip()).name for x in lines[1:]) == sorted(os.listdir(tmp_path / "sp"))
-    _, ref, _ = cli.cmd_generate(cli.build_parser().parse_args(["generate", *common, "--save-path",
+    _, ref = cli.cmd_generate(cli.build_parser().parse_args(["generate", *common, "--save-path",
                                                              str(tmp_path / "one")]))
     latents = torch.load(tmp_path / "sp" / "latents.pt")
     assert _rel_err(latents, ref.latents) <= 1e-5
