@@ -62,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--vae-tiling", action=argparse.BooleanOptionalAction, default=None,
                    help="decode in overlapping tiles (default: on for the release model, whose 720p decode needs it)")
     g.add_argument("--vae-tile-size", type=int, nargs=2, metavar=("PX", "FRAMES"), default=None,
-                   help="VAE tile edge in pixels and length in frames (release 256 64; 128 32 needs less memory)")
+                   help="VAE tile edge in pixels and length in frames (release 256 64; 128 32 needs less memory); "
+                        "turns --vae-tiling on")
     g.add_argument("--cpu-offload", action="store_true", help="keep text encoders and VAE on the CPU between uses")
     g.add_argument("--memory-limit-gib", type=float, default=None,
                    help="plan against this many GiB instead of the card's free memory (the CPU's available RAM): "
@@ -185,7 +186,8 @@ def load_model(model: str = "toy", model_base: str | None = None, device: str | 
     import torch
 
     device = _default_device() if device is None else device
-    vae_tiling = bool(model_base) if vae_tiling is None else vae_tiling
+    if vae_tiling is None:  # on for the release (its 720p decode needs it) and whenever a tile size is given
+        vae_tiling = bool(model_base) or vae_tile_size is not None
     dt = getattr(torch, DTYPES[dtype]) if dtype else (torch.bfloat16 if device.startswith("cuda") and model_base
                                                       else torch.float32)
     if model_base:

@@ -99,6 +99,9 @@ class OutputFolder:
             return cls._take(folder, flag=f"the folder of {resume_file}", allowed=allowed,
                              advice=f"pass {flag} for a new folder")
         if save_path is not None:
+            if not str(save_path).strip():  # Path("") is the current folder: never write into it by accident
+                raise OutputFolderError(f"{flag} is empty ({str(save_path)!r}): name a new folder, or leave {flag} "
+                                        f"out for a fresh {root}/<timestamp>/")
             return cls._take(Path(save_path).resolve(), flag=f"{flag} {save_path}", allowed=allowed,
                              advice=f"choose a new folder, or leave {flag} out for a fresh {root}/<timestamp>/")
         stamp = time.strftime("%Y-%m-%d_%H-%M-%S")

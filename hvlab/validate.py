@@ -325,3 +325,6 @@ def check_run_options(args) -> None:
         px, frames = args.vae_tile_size
         check_int(px, "vae_tile_size", minimum=32, note="the tile edge in pixels, e.g. 256 (release) or 128")
         check_int(frames, "vae_tile_size", minimum=4, note="the tile length in frames, e.g. 64 (release) or 32")
+        if getattr(args, "vae_tiling", None) is False:
+            raise ValueError("--vae-tile-size sets the tiles of VAE tiling, which --no-vae-tiling turns off: drop one "
+                             "of them (--vae-tile-size alone turns tiling on)")

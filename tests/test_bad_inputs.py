@@ -306,6 +306,19 @@ def test_a_run_failing_after_the_claim_removes_its_folder(capsys, tmp_path):
 
 
 @case(3)
+def test_an_empty_save_path_is_refused_not_read_as_the_current_folder(pipe, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # an empty folder: an empty --save-path would otherwise write into it
+    with pytest.raises(SystemExit) as err:
+        cli.main(["generate", PROMPT, *TINY, "--quiet", "--save-path", ""])
+    cap = capsys.readouterr()
+    assert err.value.code == 2 and "Traceback" not in cap.err
+    assert "hvlab generate: error: --save-path is empty (''): name a new folder, or leave --save-path out" in cap.err
+    with pytest.raises(ValueError, match=r"save_path is empty \(' '\): name a new folder"):
+        pipe(PROMPT, seed=1, save_path=" ")
+    assert os.listdir(tmp_path) == []
+
+
+@case(3)
 def test_the_api_refuses_a_used_save_path(pipe, tmp_path):
     (tmp_path / "settings.json").write_text("{}")
     with pytest.raises(ValueError, match=r"save_path .* already holds files \(settings.json\)"):
@@ -400,6 +413,19 @@ def test_saved_settings_refuse_other_generation_flags(source, flag, saved, capsy
     msg = run_cli([f"--{source}", str(path), *TINY, *flag], capsys, tmp_path / "out")
     shown = "--[no-]flow-reverse" if "flow-reverse" in flag[0] else flag[0]
     assert f"--{source} takes every generation setting from its file; do not also pass {shown}" in msg
+
+
+@case(5)
+def test_a_tile_size_with_tiling_turned_off_is_refused(capsys, tmp_path):
+    msg = run_cli([PROMPT, *TINY, "--no-vae-tiling", "--vae-tile-size", "128", "32"], capsys, tmp_path / "out")
+    assert "--vae-tile-size sets the tiles of VAE tiling, which --no-vae-tiling turns off: drop one" in msg
+
+
+@case(5)
+def test_a_tile_size_alone_turns_tiling_on_instead_of_being_ignored():
+    vae = cli.load_model("tiny-random", vae_tile_size=(64, 16)).vae
+    assert vae.use_tiling and (vae.tiling.tile_latent_size, vae.tiling.tile_latent_frames) == (8, 4)
+    assert not cli.load_model("tiny-random").vae.use_tiling  # the toy's default: off
 
 
 @pytest.mark.parametrize("argv, message", cases(5, [
