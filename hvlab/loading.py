@@ -26,8 +26,10 @@ def random_pipeline(dit_config, vae_config, text_encoder, text_encoder_2, defaul
     the same weights, whatever the caller's RNG state, so a random pipeline's videos are reproducible.
     """
     from .model import HYVideoDiffusionTransformer, randomize_weights_
+    from .validate import check_device, check_dtype
     from .vae import AutoencoderKLCausal3D
 
+    device, dtype = check_device(device), check_dtype(dtype)
     with torch.random.fork_rng(devices=[]):  # seeded weights without touching the caller's RNG
         torch.manual_seed(seed)
         dit = randomize_weights_(HYVideoDiffusionTransformer(dit_config), seed=seed)
@@ -108,9 +110,12 @@ def load_pipeline(model_base="ckpts", device=None, dtype=torch.bfloat16, fp8: bo
     """
     from .model import HYVIDEO_T2_CONFIG, HYVideoDiffusionTransformer
     from .text_encoder import load_clip_encoder, load_llm_encoder
+    from .validate import check_device, check_dtype
     from .vae import AutoencoderKLCausal3D, vae_config_from_json
 
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(check_device(device) if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
+    dtype, text_encoder_dtype, vae_dtype = (check_dtype(dtype), check_dtype(text_encoder_dtype, "text_encoder_dtype"),
+                                            check_dtype(vae_dtype, "vae_dtype"))
     p = check_release_layout(model_base, fp8)
     config = dit_config or HYVIDEO_T2_CONFIG
     if check_memory and (device.type == "cuda" or memory_limit_gib is not None):

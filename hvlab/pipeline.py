@@ -372,6 +372,7 @@ class HunyuanVideoPipeline:
         validate.check_settings(s, has_guidance_embedding=self.transformer.config.guidance_embed,
                                 official=RELEASE_DEFAULTS)
         start_step = validate.check_resume_step(start_step, s.num_inference_steps, source="start_step")
+        validate.check_callback(callback)
         if latents is not None:
             expected = (len(s.seeds), *self.latent_shape(s.height, s.width, s.video_length))
             if not isinstance(latents, torch.Tensor) or tuple(latents.shape) != expected:

@@ -186,6 +186,30 @@ def check_device(value, name: str = "device") -> str:
     return str(dev)
 
 
+def check_dtype(value, name: str = "dtype"):
+    """A torch floating-point dtype the models can hold their weights in (not float8: `hvlab.fast.fp8` converts
+    to it); returns it."""
+    import torch
+
+    if isinstance(value, torch.dtype) and value.is_floating_point and value.itemsize >= 2:
+        return value
+    hint = ""
+    if isinstance(value, str) and isinstance(getattr(torch, value.removeprefix("torch."), None), torch.dtype):
+        hint = f"; pass torch.{value.removeprefix('torch.')}, not the string"
+    elif isinstance(value, torch.dtype) and value.is_floating_point:
+        hint = "; for FP8 weights load in bfloat16 with fp8=True (or pipe.enable_fp8())"
+    raise ValueError(f"{name} must be a torch floating-point dtype such as torch.float32, torch.bfloat16 or "
+                     f"torch.float16, got {_got(value)}{hint}")
+
+
+def check_callback(value, name: str = "callback"):
+    """None, or a function called with each step's `hvlab.pipeline.StepState`."""
+    if value is not None and not callable(value):
+        raise TypeError(f"{name} must be a function taking the step's state (state.i, state.latents, ...) or None, "
+                        f"got {value!r} ({type(value).__name__})")
+    return value
+
+
 def check_generation_values(*, height=None, width=None, video_length=None, num_inference_steps=None, seed=None,
                             guidance_scale=None, embedded_guidance_scale=None, flow_shift=None, flow_reverse=None,
                             num_videos_per_prompt=None, seed_device=None, has_guidance_embedding=None,

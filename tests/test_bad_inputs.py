@@ -737,6 +737,37 @@ def test_api_refuses_nonsense(pipe, kwargs, error, message):
 
 
 @case(9)
+def test_api_refuses_a_callback_that_is_not_a_function_before_the_run(pipe, monkeypatch):
+    monkeypatch.setattr(pipe, "prepare_latents", lambda *a, **k: pytest.fail("the run started"))
+    with pytest.raises(TypeError, match=r"callback must be a function taking the step's state .*got 5 \(int\)"):
+        pipe(PROMPT, seed=0, callback=5)
+
+
+def _loaders():
+    from hvlab.loading import load_pipeline
+    from hvlab.toy.model import load_toy
+
+    return {"load_toy": load_toy, "random_toy_pipeline": random_toy_pipeline,
+            "load_pipeline": lambda **k: load_pipeline("/nonexistent/ckpts", **k)}
+
+
+@pytest.mark.parametrize("loader, kwargs, message", cases(9, [
+    ("toy-device", "load_toy", dict(device="gpu"), r"device must name a torch device such as 'cpu', 'cuda'.*got 'gpu'"),
+    ("toy-cuda", "load_toy", dict(device="cuda"), r"device is 'cuda' but CUDA is not available here"),
+    ("toy-dtype-str", "load_toy", dict(dtype="float16"),
+     r"dtype must be a torch floating-point dtype .*got 'float16' \(str\); pass torch.float16, not the string"),
+    ("random-dtype-int", "random_toy_pipeline", dict(dtype=torch.int8), r"dtype must be a torch floating-point dtype .*got torch.int8"),
+    ("random-fp8", "random_toy_pipeline", dict(dtype=torch.float8_e4m3fn), r"got torch.float8_e4m3fn .*fp8=True"),
+    ("release-device", "load_pipeline", dict(device="gpu"), r"device must name a torch device .*got 'gpu'"),
+    ("release-dtype", "load_pipeline", dict(dtype="bf16"), r"dtype must be a torch floating-point dtype .*got 'bf16' \(str\)$"),
+    ("release-vae-dtype", "load_pipeline", dict(vae_dtype=torch.int32), r"vae_dtype must be a torch floating-point dtype"),
+]))
+def test_loaders_refuse_bad_devices_and_dtypes_before_building(loader, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        _loaders()[loader](**kwargs)
+
+
+@case(9)
 def test_api_embedded_guidance_on_a_model_without_one():
     toy = random_toy_pipeline("tiny", seed=0)
     toy.transformer.config = __import__("dataclasses").replace(toy.transformer.config, guidance_embed=False)

@@ -67,8 +67,10 @@ def load_toy(device: str | torch.device = "cpu", dtype: torch.dtype = torch.floa
     """
     from ..checkpoint import load_dit_checkpoint, load_into, load_state_dict_file
     from ..pipeline import HunyuanVideoPipeline
+    from ..validate import check_device, check_dtype
     from ..vae import load_vae_checkpoint
 
+    device, dtype = check_device(device), check_dtype(dtype)
     wd = Path(weights_dir or os.environ.get("HVLAB_TOY_WEIGHTS", WEIGHTS_DIR))
     if not (wd / "dit.safetensors").exists():
         raise FileNotFoundError(
