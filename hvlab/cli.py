@@ -327,6 +327,11 @@ def cmd_generate(args):
     settings, state = None, None
     if args.from_settings or args.resume:
         settings, state, saved_run = _saved_settings(args)
+        for k in ("model", "model_base"):  # a different model gives a different video: say so
+            if run[k] not in (None, saved_run.get(k)) and saved_run.get(k) is not None:
+                print(f"hvlab: warning: {args.from_settings or args.resume} was made with --{k.replace('_', '-')} "
+                      f"{saved_run[k]}; running it with --{k.replace('_', '-')} {run[k]}, which gives another video",
+                      file=sys.stderr)
         for k, v in saved_run.items():  # the recorded run options, unless given again here
             if k in run and run[k] in (None, False):
                 run[k] = v
@@ -408,7 +413,7 @@ def _generate(folder, args, run: dict, settings, state, rank: int):
         enable_ulysses(pipe)
         settings = broadcast_from_rank0(settings)  # a randomly drawn seed must be rank 0's everywhere
         if rank != 0:  # the same denoising loop (1/N of each step), no decode, no files
-            pipe.generate(settings, latents=latents, start_step=start)
+            pipe.generate(settings, latents=latents, start_step=start, state_info=dict(run=run))
             return None, None
     out_dir = folder.path
     n = settings.num_inference_steps
@@ -436,7 +441,8 @@ def _generate(folder, args, run: dict, settings, state, rank: int):
     try:
         for h in hooks:
             h.attach()
-        out = pipe.generate(settings, progress=not args.quiet, state_dir=out_dir, latents=latents, start_step=start)
+        out = pipe.generate(settings, progress=not args.quiet, state_dir=out_dir, latents=latents, start_step=start,
+                            state_info=dict(run=run))  # --resume reloads the model the run used
     except GenerationInterrupted as e:
         _stopped(e.path, e.stage, e.step)
     except NonFiniteLatentsError as e:
@@ -455,7 +461,7 @@ def _generate(folder, args, run: dict, settings, state, rank: int):
         files = saved[:-1] + files + saved[-1:]  # videos, pictures and latents, settings.json last
     except KeyboardInterrupt:
         with holding_sigint(reraise=False):
-            path = save_state(out_dir / "interrupted.pt", out.latents, n, settings.to_dict())
+            path = save_state(out_dir / "interrupted.pt", out.latents, n, dict(settings.to_dict(), run=run))
         _stopped(path, "decode", n)
     out.files = files
     return out_dir, out

@@ -351,12 +351,15 @@ class HunyuanVideoPipeline:
         return self.generate(settings, callback=callback, progress=progress, save_path=save_path)
 
     def generate(self, settings: GenerationSettings, *, callback=None, progress=False, save_path=None,
-                 latents: torch.Tensor | None = None, start_step: int = 0, state_dir=None) -> GenerationOutput:
+                 latents: torch.Tensor | None = None, start_step: int = 0, state_dir=None,
+                 state_info: dict | None = None) -> GenerationOutput:
         """Run one `GenerationSettings` (e.g. read back from a settings.json): the same settings give the
         same video. ``latents``/``start_step`` continue from a saved state (``start_step`` =
         num_inference_steps: denoising is done, only the decode runs). ``save_path`` (a new or empty folder,
         claimed for this run: `hvlab.outputs.OutputFolder`) receives the videos and settings.json;
-        ``state_dir`` (default ``save_path``) the Ctrl-C / NaN state files.
+        ``state_dir`` (default ``save_path``) the Ctrl-C / NaN state files; ``state_info`` is stored in their
+        settings beside the generation settings (``hvlab generate`` keeps its run options there, ``"run"``, so
+        that ``--resume`` loads the same model).
 
         Before anything is allocated: every setting is checked (`hvlab.validate.check_settings`), the run's
         memory is estimated and a run that would not fit is refused (`hvlab.fast.run_size.check_run_size`;
@@ -387,7 +390,7 @@ class HunyuanVideoPipeline:
         failed = True
         try:
             out = self._run(s, callback, progress, folder, latents, start_step,
-                            state_dir if state_dir is not None else folder.path if folder else None)
+                            state_dir if state_dir is not None else folder.path if folder else None, state_info)
             failed = False
         finally:
             if folder is not None:
@@ -421,8 +424,10 @@ class HunyuanVideoPipeline:
         if tokenizer is not None and start_step < s.num_inference_steps:
             validate.warn_unknown_words(tokenizer, list(dict.fromkeys(s.prompt)))
 
-    def _run(self, s: GenerationSettings, callback, progress, folder, latents, start_step: int, save_dir):
+    def _run(self, s: GenerationSettings, callback, progress, folder, latents, start_step: int, save_dir,
+             state_info: dict | None = None):
         n = s.num_inference_steps
+        saved = dict(s.to_dict(), **(state_info or {}))  # the settings a state file records
         timings = {}
         if start_step < n:
             t0 = time.perf_counter()
@@ -438,7 +443,7 @@ class HunyuanVideoPipeline:
                                    guidance_scale=s.guidance_scale, embedded_guidance_scale=s.embedded_guidance_scale,
                                    flow_shift=s.flow_shift, flow_reverse=s.flow_reverse, callback=callback,
                                    start_step=start_step, progress=progress, save_dir=save_dir,
-                                   settings=s.to_dict(), prompts=s.prompt)
+                                   settings=saved, prompts=s.prompt)
             timings["denoising_s"] = time.perf_counter() - t0
         else:  # a resume file written during the decode: the latents are already denoised
             latents = latents.float().to(self.device)
@@ -460,6 +465,6 @@ class HunyuanVideoPipeline:
             path = None
             if save_dir is not None:
                 with holding_sigint(reraise=False):
-                    path = save_state(Path(save_dir) / "interrupted.pt", latents, n, s.to_dict())
+                    path = save_state(Path(save_dir) / "interrupted.pt", latents, n, saved)
             raise GenerationInterrupted(n, path, stage="decode") from None
         return out

@@ -272,6 +272,11 @@ def check_settings(s, source: str | None = None, has_guidance_embedding: bool | 
                      "flow_reverse", "num_videos_per_prompt"):
             if getattr(s, name) is None:
                 raise ValueError(f"{name} must be given, got None")
+        if has_guidance_embedding is False and s.embedded_guidance_scale is not None:  # not a flag: the file's
+            raise ValueError(f"these settings have embedded_guidance_scale = {s.embedded_guidance_scale!r}, for a DiT "
+                             f"with a guidance embedding, but this DiT has none (config.guidance_embed=False, like "
+                             f"the toy's): they were made with another model. Run them with the model that made "
+                             f"them (hvlab generate: its --model / --model-base)")
         check_generation_values(height=s.height, width=s.width, video_length=s.video_length,
                                 num_inference_steps=s.num_inference_steps, guidance_scale=s.guidance_scale,
                                 embedded_guidance_scale=s.embedded_guidance_scale, flow_shift=s.flow_shift,

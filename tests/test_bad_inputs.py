@@ -219,6 +219,32 @@ def test_ctrl_c_at_a_step_boundary_saves_the_step_its_latents_are_before(pipe, t
 
 
 @case(2)
+def test_the_printed_resume_command_alone_reloads_the_runs_model(capsys, tmp_path, monkeypatch):
+    """``--resume FILE`` with no --model: the file records the run options (here tiny-random, not the default toy)."""
+    from hvlab.pipeline import HunyuanVideoPipeline
+
+    run = ["generate", PROMPT, *TINY, "--quiet", "--seed", "2", "--preview-every", "0", "--no-gif"]
+    assert cli.main([*run, "--save-path", str(tmp_path / "full")]) == 0
+    real, calls = HunyuanVideoPipeline.predict_velocity, []
+
+    def stop_at_step_2(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(HunyuanVideoPipeline, "predict_velocity", stop_at_step_2)
+    with pytest.raises(SystemExit) as err:
+        cli.main([*run, "--save-path", str(tmp_path / "run")])
+    monkeypatch.setattr(HunyuanVideoPipeline, "predict_velocity", real)
+    state_file = tmp_path / "run" / "interrupted.pt"
+    assert err.value.code == 130 and f"resume with: hvlab generate --resume {state_file}" in capsys.readouterr().err
+    assert torch.load(state_file, weights_only=True)["settings"]["run"]["model"] == "tiny-random"
+    assert cli.main(["generate", "--resume", str(state_file), "--quiet"]) == 0
+    assert torch.equal(torch.load(tmp_path / "run" / "latents.pt"), torch.load(tmp_path / "full" / "latents.pt"))
+
+
+@case(2)
 def test_a_state_file_cut_short_never_replaces_the_last_one(tmp_path, monkeypatch):
     path = tmp_path / "interrupted.pt"
     save_state(path, torch.zeros(1, 16, 1, 2, 2), 1, {"x": 1})
@@ -426,6 +452,33 @@ def test_a_tile_size_alone_turns_tiling_on_instead_of_being_ignored():
     vae = cli.load_model("tiny-random", vae_tile_size=(64, 16)).vae
     assert vae.use_tiling and (vae.tiling.tile_latent_size, vae.tiling.tile_latent_frames) == (8, 4)
     assert not cli.load_model("tiny-random").vae.use_tiling  # the toy's default: off
+
+
+@case(5)
+def test_resuming_with_another_model_than_the_recorded_one_says_so(saved, capsys, tmp_path):
+    """settings.json records --model tiny-random; --from-settings with --model toy-random warns, and the toy has no
+    guidance embedding, so the file's embedded scale is refused naming the other model as the cause."""
+    with pytest.raises(SystemExit) as err:
+        cli.main(["generate", "--from-settings", str(saved.settings), "--model", "toy-random", "--quiet",
+                  "--save-path", str(tmp_path / "out")])
+    warning, error = capsys.readouterr().err.splitlines()
+    assert err.value.code == 2 and not (tmp_path / "out").exists()
+    assert warning == (f"hvlab: warning: {saved.settings} was made with --model tiny-random; running it with --model "
+                       f"toy-random, which gives another video")
+    assert error.startswith("hvlab generate: error: these settings have embedded_guidance_scale = 6.0, for a DiT with "
+                            "a guidance embedding, but this DiT has none") and "made with another model" in error
+
+
+@case(5)
+def test_a_recorded_model_replaced_on_the_command_line_warns(saved, capsys, tmp_path):
+    s = json.loads(saved.settings.read_text())
+    s["run"]["model"] = "toy-random"
+    path = tmp_path / "toy_settings.json"
+    path.write_text(json.dumps(dict(s, embedded_guidance_scale=None, num_inference_steps=1)))
+    assert cli.main(["generate", "--from-settings", str(path), *TINY, "--quiet", "--preview-every", "0",
+                     "--save-path", str(tmp_path / "r")]) == 0
+    assert (f"hvlab: warning: {path} was made with --model toy-random; running it with --model tiny-random, which "
+            f"gives another video") in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv, message", cases(5, [

@@ -91,7 +91,7 @@ def test_sigint_then_resume_gives_the_uninterrupted_result(point, step, said, un
     assert os.listdir(out) == ["interrupted.pt"]  # nothing half-written beside it
     assert torch.load(state_file, weights_only=True)["step"] == step
 
-    hvlab_here("generate", "--resume", str(state_file), "--model", "tiny-random", "--quiet")  # into the same folder
+    hvlab_here("generate", "--resume", str(state_file), "--quiet")  # the printed command: the file names its model
     assert torch.equal(torch.load(out / "latents.pt"), torch.load(uninterrupted / "latents.pt"))
     assert np.array_equal(frames(out / "video.gif"), frames(uninterrupted / "video.gif"))
     settings = json.loads((out / "settings.json").read_text())
