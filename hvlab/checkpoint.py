@@ -11,6 +11,7 @@ import glob
 import math
 import os
 import pickle
+import zipfile
 from typing import Iterable, Iterator, Mapping
 
 import torch
@@ -24,28 +25,89 @@ class CheckpointError(RuntimeError):
     """A checkpoint file that cannot be read safely or does not fit the model."""
 
 
-def _load_pickle(path: str) -> object:
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default format is a zip archive
+_PICKLE_MAGIC = b"\x80"  # the legacy format starts with a protocol-2+ pickle
+
+
+def _check_file(path: str, what: str) -> int:
+    """The file's size; a missing path, a folder or an empty file is refused naming the path."""
+    if not os.path.exists(path):
+        raise CheckpointError(f"{what} not found: {path!r}")
+    if os.path.isdir(path):
+        raise CheckpointError(f"{what} {path!r} is a folder; expected a file")
+    size = os.path.getsize(path)
+    if size == 0:
+        raise CheckpointError(f"{what} {path!r} is empty (0 bytes): the download or copy did not finish; "
+                              f"fetch the file again")
+    return size
+
+
+def read_torch_file(path, what: str = "checkpoint") -> object:
+    """``torch.load(path, weights_only=True)`` (memory-mapped when the format allows), with the failures told
+    apart and named with the path: not a torch file, truncated or damaged, or holding objects that unpickling
+    could run code for (refused)."""
+    path = os.fspath(path)
+    size = _check_file(path, what)
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head == _ZIP_MAGIC and not zipfile.is_zipfile(path):  # the archive's directory sits at its end
+        raise CheckpointError(f"{what} {path!r} ({size:,} bytes) is truncated: it starts as a torch zip archive but its "
+                              f"end (the archive's directory) is missing; the download or copy did not finish, fetch "
+                              f"the file again")
+    if not head.startswith((_ZIP_MAGIC, _PICKLE_MAGIC)):
+        raise CheckpointError(f"{what} {path!r} is not a torch file: it starts with the bytes {head!r}, not a torch "
+                              f"zip archive ({_ZIP_MAGIC!r}) or a pickle ({_PICKLE_MAGIC!r}); is it another format "
+                              f"(.safetensors, .bin) or a web page saved instead of the file?")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError as e:  # mmap needs the zipfile format; old pickles are read plainly
-        if "mmap" not in str(e):
-            raise _refuse(path, e) from e
-    except (pickle.UnpicklingError, AttributeError, TypeError) as e:
-        raise _refuse(path, e) from e
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError) as e:
-        raise _refuse(path, e) from e
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=head == _ZIP_MAGIC)
+    except pickle.UnpicklingError as e:
+        text = str(e)
+        if "Unsupported global" in text or "was not an allowed global" in text:
+            raise _refuse(path, e) from None
+        raise CheckpointError(f"{what} {path!r} ({size:,} bytes) is damaged or not a torch checkpoint: its "
+                              f"pickle cannot be read ({_torch_reason(text)}); fetch the file again") from None
+    except (EOFError, RuntimeError, KeyError, ValueError, AttributeError, TypeError, OSError) as e:
+        text = str(e) or type(e).__name__
+        if "zip archive" in text or "central directory" in text or isinstance(e, EOFError):
+            raise CheckpointError(f"{what} {path!r} ({size:,} bytes) is truncated or damaged (torch: "
+                                  f"{_torch_reason(text)}): the download or copy did not finish; fetch the file "
+                                  f"again") from None
+        raise CheckpointError(f"{what} {path!r} cannot be read as a torch file ({type(e).__name__}: "
+                              f"{_torch_reason(text)})") from None
 
 
 def _refuse(path: str, err: Exception) -> CheckpointError:
+    detail = next((ln.strip() for ln in str(err).splitlines() if "Unsupported global" in ln), str(err).splitlines()[0])
     return CheckpointError(
         f"refusing to load {path!r}: it holds objects other than tensors and plain containers, "
         f"and unpickling those could run code from the file (torch.load weights_only=True said: "
-        f"{str(err).splitlines()[0]}). If you trust the file, convert it once to safetensors "
+        f"{detail[:300]}). If you trust the file, convert it once to safetensors "
         f"yourself, e.g. safetensors.torch.save_file(torch.load(path, weights_only=False)['module'], "
         f"'model.safetensors'), then load that."
     )
+
+
+def _torch_reason(text: str) -> str:
+    """The informative part of torch's message: an "Unsupported ..." line, else its first sentence."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    for ln in lines:
+        if ln.startswith("Unsupported") or "error: Unsupported" in ln:
+            return ln[:200]
+    return (lines[0].split(". ")[0][:200] if lines else "no detail").rstrip(".")
+
+
+def read_safetensors_file(path, what: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """``safetensors.torch.load_file`` with an empty, truncated or foreign file refused naming the path."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = os.fspath(path)
+    size = _check_file(path, what)
+    try:
+        return load_file(path)
+    except SafetensorError as e:
+        raise CheckpointError(f"{what} {path!r} ({size:,} bytes) is not a complete safetensors file ({e}): it is "
+                              f"truncated, damaged or another format; fetch the file again") from None
 
 
 def unwrap_state_dict(obj: object, path: str = "<object>", prefix: str | None = None) -> dict[str, torch.Tensor]:
@@ -101,13 +163,9 @@ def load_state_dict_file(path: str | os.PathLike, prefix: str | None = None) -> 
         for f in files:
             merged.update(load_state_dict_file(f, prefix=prefix))
         return merged
-    if not os.path.exists(path):
-        raise CheckpointError(f"checkpoint not found: {path!r}")
     if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        return unwrap_state_dict(load_file(path), path, prefix)
-    return unwrap_state_dict(_load_pickle(path), path, prefix)
+        return unwrap_state_dict(read_safetensors_file(path), path, prefix)
+    return unwrap_state_dict(read_torch_file(path), path, prefix)
 
 
 def check_state_dict_keys(

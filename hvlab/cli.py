@@ -31,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hvlab", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
 
-    g = sub.add_parser("generate", help="text -> video (default: the shipped toy model)")
+    g = sub.add_parser("generate", help="text -> video (default: the shipped toy model)",
+                       epilog=_toy_vocabulary_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     g.add_argument("prompt", nargs="?", help="the prompt (omit with --from-settings / --resume)")
     g.add_argument("--model", default=None,
                    help=f"'toy' (shipped weights), a folder of toy-format weights, or a random-weight model for "
@@ -50,8 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--flow-shift", type=float, default=None)
     g.add_argument("--flow-reverse", action=argparse.BooleanOptionalAction, default=None)
     g.add_argument("--neg-prompt", default=None, help="negative prompt (used with --cfg-scale > 1)")
-    g.add_argument("--num-videos", type=int, default=1, help="videos per prompt")
-    g.add_argument("--seed-device", default="cpu",
+    g.add_argument("--num-videos", type=int, default=None, help="videos per prompt")
+    g.add_argument("--seed-device", default=None,
                    help="where the noise generators live: cpu (default: a seed gives the same video anywhere) or "
                         "cuda (as the official sampler, whose generators are on the run's device); recorded in "
                         "settings.json")
@@ -66,12 +67,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--vae-tiling", action=argparse.BooleanOptionalAction, default=None,
                    help="decode in overlapping tiles (default: on for the release model, whose 720p decode needs it)")
     g.add_argument("--vae-tile-size", type=int, nargs=2, metavar=("PX", "FRAMES"), default=None,
-                   help="VAE tile edge in pixels and length in frames (release 256 64; 128 32 needs less memory)")
+                   help="VAE tile edge in pixels and length in frames (release 256 64; 128 32 needs less memory); "
+                        "turns --vae-tiling on")
     g.add_argument("--cpu-offload", action="store_true", help="keep text encoders and VAE on the CPU between uses")
     g.add_argument("--memory-limit-gib", type=float, default=None,
-                   help="release model: plan against this many GiB instead of the card's free memory")
+                   help="plan against this many GiB instead of the card's free memory (the CPU's available RAM): "
+                        "the release's load plan and every model's size guard")
     g.add_argument("--no-memory-check", action="store_true",
-                   help="release model: load even when the memory plan says the video will not fit")
+                   help="skip the memory checks (the release's load plan, every model's size guard) and run "
+                        "even when the estimate says the video will not fit")
     g.add_argument("--record-attention", default=None, metavar="WORDS",
                    help="comma-separated prompt words, or 'auto' (every word but articles): saves attention.png "
                         "(maps of the first video, text token as key, mean over heads)")
@@ -123,7 +127,55 @@ def build_parser() -> argparse.ArgumentParser:
     for name, target in (("train-toy", "hvlab.toy.train"), ("eval-toy", "hvlab.toy.evaluate")):
         t = sub.add_parser(name, help=f"forwards its arguments to python -m {target}", add_help=False)
         t.add_argument("args", nargs=argparse.REMAINDER)
+    _show_defaults(g)
     return p
+
+
+def _model_defaults(key: str, fmt=str) -> str:
+    """"toy 30, tiny-random 4, release 50": a generation default of each model (the toy files, torch-free)."""
+    from .toy.facts import TINY_DEFAULTS, TOY_DEFAULTS
+
+    return ", ".join(f"{name} {fmt(d[key])}" for name, d in (("toy", TOY_DEFAULTS), ("tiny-random", TINY_DEFAULTS),
+                                                          ("release", RELEASE_DEFAULTS)))
+
+
+def _show_defaults(g: argparse.ArgumentParser) -> None:
+    """End each ``hvlab generate`` flag's help with its default (the model's own where it depends on the model)."""
+    size = lambda d: f"{d['height']} {d['width']}"  # noqa: E731
+    from .toy.facts import TINY_DEFAULTS, TOY_DEFAULTS
+
+    per_model = {
+        "video_size": ", ".join(f"{n} {size(d)}" for n, d in (("toy", TOY_DEFAULTS), ("tiny-random", TINY_DEFAULTS),
+                                                              ("release", RELEASE_DEFAULTS))),
+        "video_length": _model_defaults("video_length"), "infer_steps": _model_defaults("num_inference_steps"),
+        "cfg_scale": _model_defaults("guidance_scale"), "flow_shift": _model_defaults("flow_shift"),
+        "embedded_cfg_scale": "the model's: release and tiny-random 6.0; none for the toy (no guidance embedding)",
+        "flow_reverse": "on (noise to data, as every official command)", "num_videos": "1",
+        "seed_device": "cpu", "neg_prompt": "the model's: the official negative prompt; '' for the toy",
+        "seed": "random, recorded in settings.json", "threads": "1 for toy/tiny on a CPU, else torch's",
+        "preview_every": "about 8 previews in all", "save_path": "outputs/<timestamp>/",
+        "attention_step": "the middle step", "device": "cuda if available, else cpu",
+    }
+    for action in g._actions:
+        if action.default == argparse.SUPPRESS:  # --help
+            continue
+        text = per_model.get(action.dest)
+        if action.help and "default" not in action.help and text is None and action.default not in (None, False):
+            text = str(action.default)
+        if text and action.help and "default" not in action.help:
+            action.help += f" (default: {text})"
+        elif text and not action.help:
+            action.help = f"default: {text}"
+
+
+def _toy_vocabulary_epilog() -> str:
+    import textwrap
+
+    from .toy.facts import vocabulary_words
+
+    words = vocabulary_words()
+    return ("the toy models read only these words (any other becomes <unk>, and a warning names it):\n"
+            + textwrap.fill(" ".join(words), 100, initial_indent="  ", subsequent_indent="  ")) if words else ""
 
 
 # ---- generate ------------------------------------------------------------------------------------
@@ -156,8 +208,9 @@ def load_model(model: str = "toy", model_base: str | None = None, device: str | 
     before any weight is read (`hvlab.loading.load_pipeline`)."""
     import torch
 
-    device = device or _default_device()
-    vae_tiling = bool(model_base) if vae_tiling is None else vae_tiling
+    device = _default_device() if device is None else device
+    if vae_tiling is None:  # on for the release (its 720p decode needs it) and whenever a tile size is given
+        vae_tiling = bool(model_base) or vae_tile_size is not None
     dt = getattr(torch, DTYPES[dtype]) if dtype else (torch.bfloat16 if device.startswith("cuda") and model_base
                                                       else torch.float32)
     if model_base:
@@ -179,7 +232,7 @@ def load_model(model: str = "toy", model_base: str | None = None, device: str | 
 
         folder = WEIGHTS_DIR if model == "toy" else Path(model)
         if not folder.is_dir():
-            raise SystemExit(f"--model must be one of {MODELS} or a folder of toy weights; {model!r} is neither")
+            raise ValueError(f"--model must be one of {MODELS} or a folder of toy weights; {model!r} is neither")
         try:
             pipe = load_toy(device=device, dtype=dt, weights_dir=folder)
         except FileNotFoundError as e:
@@ -189,7 +242,7 @@ def load_model(model: str = "toy", model_base: str | None = None, device: str | 
         pipe.enable_cpu_offload()
     if vae_tiling:
         pipe.enable_vae_tiling(**(dict(zip(("tile_sample_min_size", "tile_sample_min_num_frames"), vae_tile_size))
-                                  if vae_tile_size else {}))
+                                  if vae_tile_size is not None else {}))
     if fp8:
         pipe.enable_fp8()
     if device.startswith("cuda"):
@@ -211,71 +264,163 @@ def _attention_words(spec: str, prompt: str, in_prompt: bool = True) -> list[str
     asked = [w.strip() for w in spec.split(",") if w.strip()]
     unknown = [w for w in asked if w not in words]
     if unknown and in_prompt:
-        raise SystemExit(f"--record-attention words {unknown} are not in the prompt; its words are {words}")
+        raise ValueError(f"--record-attention words {unknown} are not in the prompt; its words are {words}")
     return asked
 
 
 def _parse_block(spec: str) -> tuple[str, int]:
     kind, _, idx = spec.partition(":")
     if kind not in ("double", "single") or not idx.lstrip("-").isdigit():
-        raise SystemExit(f"--attention-block must look like double:1 or single:-1, got {spec!r}")
+        raise ValueError(f"--attention-block must look like double:1 or single:-1, got {spec!r}")
     return kind, int(idx)
 
 
+# What a --resume / --from-settings file fixes: giving one of these as well is a conflict, refused
+GENERATION_FLAGS = {"neg_prompt": "--neg-prompt", "video_size": "--video-size", "video_length": "--video-length",
+                    "infer_steps": "--infer-steps", "seed": "--seed", "cfg_scale": "--cfg-scale",
+                    "embedded_cfg_scale": "--embedded-cfg-scale", "flow_shift": "--flow-shift",
+                    "flow_reverse": "--[no-]flow-reverse", "num_videos": "--num-videos", "seed_device": "--seed-device"}
+
+
+def check_generate_args(args) -> None:
+    """Everything ``hvlab generate`` can check before the model loads (the rules: `hvlab.validate`)."""
+    from . import validate
+
+    if args.resume and args.from_settings:
+        raise ValueError("--resume and --from-settings both name the settings to use: give one")
+    source = "--resume" if args.resume else "--from-settings" if args.from_settings else None
+    if source:
+        given = [flag for dest, flag in GENERATION_FLAGS.items() if getattr(args, dest) is not None]
+        if given:
+            raise ValueError(f"{source} takes every generation setting from its file; do not also pass "
+                             f"{', '.join(given)} (to change them, start a new run with a PROMPT)")
+    elif args.prompt is None:
+        raise ValueError("hvlab generate needs a PROMPT (or --from-settings / --resume)")
+    if args.prompt is not None:
+        validate.check_prompt_text(args.prompt, "prompt")
+    if args.neg_prompt is not None:
+        validate.check_prompt_text(args.neg_prompt, "negative_prompt", allow_empty=True)
+    h, w = args.video_size or (None, None)
+    validate.check_generation_values(
+        height=h, width=w, video_length=args.video_length, num_inference_steps=args.infer_steps, seed=args.seed,
+        guidance_scale=args.cfg_scale, embedded_guidance_scale=args.embedded_cfg_scale, flow_shift=args.flow_shift,
+        num_videos_per_prompt=args.num_videos, seed_device=args.seed_device, official=RELEASE_DEFAULTS)
+    validate.check_run_options(args)
+    if args.device is not None:
+        validate.check_device(args.device)
+    if args.attention_block is not None:
+        _parse_block(args.attention_block)
+
+
+def _saved_settings(args):
+    """(GenerationSettings, resume state or None, the saved run options) of --from-settings / --resume."""
+    from .runs import GenerationSettings, load_state, read_json
+
+    if args.from_settings:
+        saved = read_json(args.from_settings, "a settings.json written by hvlab generate")
+        settings = GenerationSettings.from_dict(saved, source=args.from_settings)
+        state = None
+    else:
+        state = load_state(args.resume)
+        saved = state["settings"]
+        settings = GenerationSettings.from_dict(saved, source=args.resume)
+    if args.prompt is not None and args.prompt not in settings.prompt:
+        raise ValueError(f"the saved settings are for {settings.prompt}, not {args.prompt!r}: drop the PROMPT")
+    run = saved.get("run") if isinstance(saved, dict) else None
+    return settings, state, run if isinstance(run, dict) else {}
+
+
+def _ordinal(n: int) -> str:
+    return "step" if n == 1 else f"{n}{'th' if 10 <= n % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(n % 10, 'th')} step"
+
+
 def cmd_generate(args):
-    """Run ``hvlab generate``; returns (output folder, GenerationOutput)."""
+    """Run ``hvlab generate``; returns (output folder, GenerationOutput); ``out.files`` lists the files written.
+
+    Every flag is checked before the model loads, then the output folder is claimed (`hvlab.outputs`): a
+    failed run removes the folder it made, and the lock keeps a second run with the same --save-path out."""
     import torch
 
-    from . import __version__
-    from .inspection import AttentionRecorder, LatentRecorder
-    from .runs import GenerationInterrupted, GenerationSettings, NonFiniteLatentsError, load_state
+    from .outputs import OutputFolder
 
+    check_generate_args(args)
     run = dict(model=args.model, model_base=args.model_base, device=args.device, dtype=args.dtype, fp8=args.fp8,
                vae_tiling=args.vae_tiling, cpu_offload=args.cpu_offload,
                vae_tile_size=tuple(args.vae_tile_size) if args.vae_tile_size else None,
                cache=args.cache, cache_threshold=args.cache_threshold)
-    settings, resume = None, None
+    settings, state = None, None
     if args.from_settings or args.resume:
-        saved = (json.loads(Path(args.from_settings).read_text()) if args.from_settings
-                 else load_state(args.resume)["settings"])
-        settings = GenerationSettings.from_dict(saved)
-        for k, v in (saved.get("run") or {}).items():  # the recorded run options, unless given again here
+        settings, state, saved_run = _saved_settings(args)
+        for k in ("model", "model_base"):  # a different model gives a different video: say so
+            if run[k] not in (None, saved_run.get(k)) and saved_run.get(k) is not None:
+                print(f"hvlab: warning: {args.from_settings or args.resume} was made with --{k.replace('_', '-')} "
+                      f"{saved_run[k]}; running it with --{k.replace('_', '-')} {run[k]}, which gives another video",
+                      file=sys.stderr)
+        for k, v in saved_run.items():  # the recorded run options, unless given again here
             if k in run and run[k] in (None, False):
                 run[k] = v
-        resume = args.resume
-        if args.prompt is not None and args.prompt not in settings.prompt:
-            raise SystemExit(f"the saved settings are for {settings.prompt}, not {args.prompt!r}: drop the PROMPT")
-    elif not args.prompt:
-        raise SystemExit("hvlab generate needs a PROMPT (or --from-settings / --resume)")
-    run["model"] = run["model"] or "toy"
+    if run["model"] is None and not run["model_base"]:
+        run["model"] = "toy"
     from .fast.cache import check_cache_args
 
     if run["cache"] == "off" and args.cache_threshold is None:
         run["cache_threshold"] = None  # a threshold restored from --from-settings belongs to the recorded cache
     run["cache"], run["cache_threshold"] = check_cache_args(run["cache"], run["cache_threshold"])
     if args.record_attention and run["cache"]:
-        raise SystemExit("--record-attention needs every step of every row, which --cache skips: drop one of them")
-    run["device"] = run["device"] or _default_device()
-    threads = args.threads or (1 if run["device"] == "cpu" and not run["model_base"] else None)
+        raise ValueError("--record-attention needs every step of every row, which --cache skips: drop one of them")
+    run["device"] = _run_device(run["device"])
+    threads = args.threads if args.threads is not None else (
+        1 if run["device"] == "cpu" and not run["model_base"] else None)
     if threads:
         torch.set_num_threads(threads)
     rank = 0
     if args.ulysses_degree != 1:  # sequence parallel: see hvlab.fast.parallel
         if args.record_attention:
-            raise SystemExit("--record-attention needs the whole sequence in one process: drop --ulysses-degree")
+            raise ValueError("--record-attention needs the whole sequence in one process: drop --ulysses-degree")
         from .fast.parallel import init_ulysses_from_env
 
         rank = init_ulysses_from_env(args.ulysses_degree, run["device"])
+    # the folder first: a taken --save-path is refused before minutes of loading
+    folder = OutputFolder.claim(args.save_path, resume_file=args.resume) if rank == 0 else None
+    if folder is not None and folder.note:
+        print(f"hvlab generate: {folder.note}", file=sys.stderr)
+    failed = True
+    try:
+        result = _generate(folder, args, run, settings, state, rank)
+        failed = False
+        return result
+    finally:
+        if folder is not None:
+            folder.release(failed)
 
-    if settings is not None:  # what the memory plan checks before the release weights load
+
+def _run_device(device) -> str:
+    from .validate import check_device
+
+    return check_device(device) if device is not None else _default_device()
+
+
+def _generate(folder, args, run: dict, settings, state, rank: int):
+    """Load, denoise, decode and write into ``folder``: the part of `cmd_generate` after the checks."""
+    import torch
+
+    from . import __version__, faults
+    from .inspection import AttentionRecorder, LatentRecorder
+    from .outputs import atomic_write, holding_sigint
+    from .runs import GenerationInterrupted, NonFiniteLatentsError, save_state
+
+    if settings is not None:  # what the memory plans check before the weights load
         plan = (settings.video_length, settings.height, settings.width)
     else:
         d = RELEASE_DEFAULTS
         h, w = args.video_size or (d["height"], d["width"])
-        plan = (args.video_length or d["video_length"], h, w)
+        plan = (d["video_length"] if args.video_length is None else args.video_length, h, w)
     t_start = time.perf_counter()
+    faults.pause_point("load")  # the interruption tests' pause points (inactive unless HVLAB_PAUSE_AT is set)
     pipe = load_model(**run, plan_size=plan, memory_limit_gib=args.memory_limit_gib,
                       check_memory=not args.no_memory_check)
+    faults.install(pipe)
+    pipe.check_memory, pipe.memory_limit_gib = not args.no_memory_check, args.memory_limit_gib
     t_load = time.perf_counter() - t_start
     if settings is None:
         h, w = args.video_size or (None, None)
@@ -283,28 +428,28 @@ def cmd_generate(args):
                                      num_inference_steps=args.infer_steps, seed=args.seed,
                                      guidance_scale=args.cfg_scale, embedded_guidance_scale=args.embedded_cfg_scale,
                                      flow_shift=args.flow_shift, flow_reverse=args.flow_reverse,
-                                     num_videos_per_prompt=args.num_videos, seed_device=args.seed_device)
+                                     num_videos_per_prompt=1 if args.num_videos is None else args.num_videos,
+                                     seed_device="cpu" if args.seed_device is None else args.seed_device)
+    latents, start = (state["latents"], state["step"]) if state else (None, 0)
     if args.ulysses_degree != 1:
         from .fast.parallel import broadcast_from_rank0, enable_ulysses
 
         enable_ulysses(pipe)
         settings = broadcast_from_rank0(settings)  # a randomly drawn seed must be rank 0's everywhere
         if rank != 0:  # the same denoising loop (1/N of each step), no decode, no files
-            state = load_state(resume) if resume else None
-            pipe.generate(settings, latents=state["latents"] if state else None,
-                          start_step=state["step"] if state else 0)
+            pipe.generate(settings, latents=latents, start_step=start, state_info=dict(run=run))
             return None, None
-    out_dir = Path(args.save_path or Path("outputs") / time.strftime("%Y-%m-%d_%H-%M-%S"))
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = folder.path
     n = settings.num_inference_steps
     every = args.preview_every if args.preview_every is not None else max(1, -(-n // 8))
-    latent_rec = LatentRecorder(pipe, every=max(1, every), keep_latents=True) if every > 0 else None
+    latent_rec = LatentRecorder(pipe, every=every, keep_latents=True) if every > 0 and start < n else None
     att_rec, words = None, None
     if args.record_attention:
         words = _attention_words(args.record_attention, settings.prompt[0], args.attention_kind == "cross")
         step = args.attention_step if args.attention_step is not None else n // 2
-        if not 0 <= step < n:
-            raise SystemExit(f"--attention-step must be in [0, {n - 1}] for {n} steps, got {step}")
+        if not start <= step < n:
+            raise ValueError(f"--attention-step must be in [{start}, {n - 1}] for {n} steps"
+                             + (f" resumed at step {start}" if start else "") + f", got {step}")
         if args.attention_kind == "concept":
             from .inspection import ConceptRecorder
 
@@ -313,36 +458,57 @@ def cmd_generate(args):
             att_rec = AttentionRecorder(pipe, steps=[step], blocks=[_parse_block(args.attention_block)],
                                         reduce_heads="mean")
     hooks = [h for h in (latent_rec, att_rec) if h is not None]
-    state = load_state(resume) if resume else None
     info = dict(hvlab_version=__version__, torch_version=torch.__version__, run=run,
                 weights=_weights_note(run["model"], run["model_base"]), fps=pipe.defaults["fps"],
-                resumed_from=resume, command=["hvlab", *getattr(args, "argv", sys.argv[1:])])
+                resumed_from=str(Path(args.resume).resolve()) if args.resume else None,
+                output_dir=str(out_dir), command=["hvlab", *getattr(args, "argv", sys.argv[1:])])
     try:
         for h in hooks:
             h.attach()
-        out = pipe.generate(settings, progress=not args.quiet, state_dir=out_dir,
-                            latents=state["latents"] if state else None, start_step=state["step"] if state else 0)
+        out = pipe.generate(settings, progress=not args.quiet, state_dir=out_dir, latents=latents, start_step=start,
+                            state_info=dict(run=run))  # --resume reloads the model the run used
     except GenerationInterrupted as e:
-        print(f"\ninterrupted before step {e.step}; saved {e.path}\nresume with: hvlab generate --resume {e.path}",
-              file=sys.stderr)
-        raise SystemExit(130)
+        _stopped(e.path, e.stage, e.step)
     except NonFiniteLatentsError as e:
-        raise SystemExit(f"error: {e}")
+        raise ValueError(str(e)) from None
     finally:
         for h in hooks:
             h.detach()
-    out.timings["load_s"] = t_load
-    files = _extras(out, out_dir, pipe, latent_rec, att_rec, words, args, info)
-    out.timings["total_s"] = time.perf_counter() - t_start
-    gif = args.gif if args.gif is not None else settings.height * settings.width <= 256 * 256
-    files = out.save(out_dir, fps=info["fps"], gif=gif, extra=dict(info, files=files)) + files
-    torch.save(out.latents, out_dir / "latents.pt")
+    try:  # pictures, videos and settings.json: each file whole or absent; Ctrl-C keeps the denoised latents
+        faults.pause_point("save")
+        out.timings["load_s"] = t_load
+        files = _extras(out, out_dir, pipe, latent_rec, att_rec, words, args, info)
+        files.append(atomic_write(out_dir / "latents.pt", lambda tmp: torch.save(out.latents, tmp)))
+        out.timings["total_s"] = time.perf_counter() - t_start
+        gif = args.gif if args.gif is not None else settings.height * settings.width <= 256 * 256
+        saved = out.save(out_dir, fps=info["fps"], gif=gif, extra=info, also=files)
+        files = saved[:-1] + files + saved[-1:]  # videos, pictures and latents, settings.json last
+    except KeyboardInterrupt:
+        with holding_sigint(reraise=False):
+            path = save_state(out_dir / "interrupted.pt", out.latents, n, dict(settings.to_dict(), run=run))
+        _stopped(path, "decode", n)
+    out.files = files
     return out_dir, out
+
+
+def _stopped(path, stage: str, step: int):
+    what = "while decoding or saving (the denoised latents are kept)" if stage == "decode" else f"before step {step}"
+    print(f"\ninterrupted {what}; saved {path}\nresume with: hvlab generate --resume {path}", file=sys.stderr)
+    raise SystemExit(130)
 
 
 def _extras(out, out_dir: Path, pipe, latent_rec, att_rec, words, args, info: dict) -> list[str]:
     """Previews, channel statistics and attention maps as PNGs; records what was made in ``info``."""
+    import matplotlib.pyplot as plt
+
+    from .outputs import atomic_write
+
     files = []
+
+    def save_figure(fig, name):
+        files.append(atomic_write(out_dir / name, lambda tmp: fig.savefig(tmp, dpi=100)))
+        plt.close(fig)
+
     if latent_rec is not None and latent_rec.steps:
         from .inspection.preview import fit_latent_to_rgb, latent_to_rgb
         from .inspection.viz import channel_stats_plot, denoising_strip
@@ -354,22 +520,18 @@ def _extras(out, out_dir: Path, pipe, latent_rec, att_rec, words, args, info: di
         previews = latent_to_rgb(latent_rec.x0.flatten(0, 1), rgb_map).unflatten(0, latent_rec.x0.shape[:2])
         for b in range(previews.shape[1]):
             suffix = "" if previews.shape[1] == 1 else f"_{b}"
-            fig = denoising_strip(previews[:, b], latent_rec.steps, latent_rec.sigmas,
-                                  title=f"predicted x0 at every {latent_rec.every}th step, video {b} ({source})")
-            fig.savefig(out_dir / f"previews{suffix}.png", dpi=100)
-            fig = channel_stats_plot(latent_rec.stats, latent_rec.steps, sample=b)
-            fig.savefig(out_dir / f"channel_stats{suffix}.png", dpi=100)
-            files += [str(out_dir / f"previews{suffix}.png"), str(out_dir / f"channel_stats{suffix}.png")]
+            save_figure(denoising_strip(previews[:, b], latent_rec.steps, latent_rec.sigmas,
+                                        title=f"predicted x0 at every {_ordinal(latent_rec.every)}, video {b} "
+                                              f"({source})"), f"previews{suffix}.png")
+            save_figure(channel_stats_plot(latent_rec.stats, latent_rec.steps, sample=b), f"channel_stats{suffix}.png")
         info["previews"] = dict(every=latent_rec.every, steps=latent_rec.steps, rgb_map=source)
     if att_rec is not None:
         from .inspection.viz import attention_overlay
 
         maps = att_rec.maps(sample=0, softmax=True) if args.attention_kind == "concept" else att_rec.text_maps(sample=0)
         words = [w for w in words if w in maps.labels]
-        fig = attention_overlay(out.videos[0], maps, labels=words)
-        fig.savefig(out_dir / "attention.png", dpi=100)
-        torch_save_maps(maps, out_dir / "attention.pt")
-        files += [str(out_dir / "attention.png"), str(out_dir / "attention.pt")]
+        save_figure(attention_overlay(out.videos[0], maps, labels=words), "attention.png")
+        files.append(atomic_write(out_dir / "attention.pt", lambda tmp: torch_save_maps(maps, tmp)))
         info["attention"] = dict(kind=args.attention_kind, words=words, steps=maps.steps, blocks=maps.blocks, heads=maps.heads,
                                  direction=maps.direction, aggregation=maps.aggregation)
     return files
@@ -446,8 +608,19 @@ def cmd_convert(args) -> None:
 
 # ---- entry point ---------------------------------------------------------------------------------
 
+def _print_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings of a command (unknown words, a long CPU run, a truncated prompt) as one line each on stderr."""
+    print(f"hvlab: warning: {message}", file=sys.stderr)
+
+
 def main(argv=None) -> int:
-    """The `hvlab` command: parse ``argv`` (default: the command line) and run its subcommand; returns the exit code."""
+    """The `hvlab` command: parse ``argv`` (default: the command line) and run its subcommand; returns the exit code.
+
+    A user's mistake (a bad flag value, a missing or damaged file, a taken folder, a run that would not fit) ends
+    with one ``hvlab <command>: error: ...`` message on stderr and exit code 2, never a traceback
+    (``HVLAB_TRACEBACK=1`` shows it); Ctrl-C ends with exit code 130 and says what was saved."""
+    import warnings
+
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("train-toy", "eval-toy"):  # forwarded verbatim, --help included
         if argv[0] == "train-toy":
@@ -459,18 +632,38 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = argv
-    from .fast.memory import MemoryPlanError
+    with warnings.catch_warnings():  # restored afterwards: main() also runs inside other programs (tests)
+        warnings.simplefilter("default")
+        warnings.showwarning = _print_warning
+        return _main(parser, args)
+
+
+def _main(parser, args) -> int:
+    import os
 
     try:
         if args.command == "generate":
-            out_dir, _ = cmd_generate(args)
+            out_dir, out = cmd_generate(args)
             if out_dir is not None:  # None on sequence-parallel ranks other than 0
-                print(out_dir)
+                print(f"wrote {len(out.files)} files to {out_dir}:")
+                for f in out.files:
+                    print(f"  {f}")
         elif args.command == "info":
             cmd_info(args)
         elif args.command == "convert":
             cmd_convert(args)
-    except (ValueError, FileNotFoundError, IndexError, MemoryPlanError) as e:  # bad input: the message names the fix
+    except KeyboardInterrupt:  # before the first denoising step: nothing to keep (later ones save a state file)
+        if os.environ.get("HVLAB_TRACEBACK"):
+            raise
+        parser.exit(130, f"\nhvlab {args.command}: interrupted before denoising began (while loading or "
+                         f"encoding): nothing to resume, run the command again\n")
+    except Exception as e:  # noqa: BLE001  (sorted below: a user's mistake gets a line, a bug its traceback)
+        from .checkpoint import CheckpointError
+        from .fast.memory import MemoryPlanError
+
+        if not isinstance(e, (ValueError, OSError, IndexError, CheckpointError, MemoryPlanError)) or \
+                os.environ.get("HVLAB_TRACEBACK"):
+            raise
         parser.exit(2, f"hvlab {args.command}: error: {e}\n")
     return 0
 

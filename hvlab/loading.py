@@ -29,8 +29,10 @@ def random_pipeline(dit_config, vae_config, text_encoder, text_encoder_2, defaul
     the same weights, whatever the caller's RNG state, so a random pipeline's videos are reproducible.
     """
     from .model import HYVideoDiffusionTransformer, randomize_weights_
+    from .validate import check_device, check_dtype
     from .vae import AutoencoderKLCausal3D
 
+    device, dtype = check_device(device), check_dtype(dtype)
     with torch.random.fork_rng(devices=[]):  # seeded weights without touching the caller's RNG
         torch.manual_seed(seed)
         dit = randomize_weights_(HYVideoDiffusionTransformer(dit_config), seed=seed)
@@ -70,7 +72,11 @@ def load_pipeline(model_base=None, device=None, dtype=torch.bfloat16, fp8: bool 
     from .layouts import detect_layout
     from .readers import dit_config_for, dit_is_fp8, load_dit, load_text_encoder, load_vae, vae_config_for
 
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    from .validate import check_device, check_dtype
+
+    device = torch.device(check_device(device) if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
+    dtype, text_encoder_dtype, vae_dtype = (check_dtype(dtype), check_dtype(text_encoder_dtype, "text_encoder_dtype"),
+                                            check_dtype(vae_dtype, "vae_dtype"))
     components = dict(dit=dit, vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2)
     if model_base is None and not any(components.values()):
         model_base = "ckpts"

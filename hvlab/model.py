@@ -240,8 +240,26 @@ class HYVideoDiffusionTransformer(nn.Module):
         return self.final(img, vec, grid)
 
     def check_inputs(self, x, t, text_states, text_mask, text_states_2, guidance=None):
-        """Validate shapes before any compute; scalar t / guidance are broadcast to (B,). Returns (t, guidance)."""
+        """Validate types, dtypes, shapes and values before any compute; scalar t / guidance are broadcast to
+        (B,). Returns (t, guidance).
+
+        x, text_states and text_states_2 must be floating tensors in the model's dtype (no silent casts: a
+        float64 or float16 input to a float32 model is a mistake upstream), t and guidance finite numbers."""
         c = self.config
+        for name, v in (("x", x), ("text_states", text_states), ("text_mask", text_mask),
+                        ("text_states_2", text_states_2)):
+            if not isinstance(v, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(v).__name__}")
+        dtype = self.img_in.proj.weight.dtype  # FP8 leaves img_in alone: this is the compute dtype
+        if not torch.is_autocast_enabled(x.device.type):
+            for name, v in (("x", x), ("text_states", text_states), ("text_states_2", text_states_2)):
+                if v.dtype != dtype:
+                    kind = "a floating-point" if not v.is_floating_point() else f"a {dtype}"
+                    raise ValueError(f"{name} is {v.dtype} but the DiT's weights are {dtype}: pass {kind} tensor "
+                                     f"({name}.to({dtype})), as the pipeline does")
+        if text_mask.is_floating_point() and text_mask.device.type != "meta" and \
+                not bool(torch.all((text_mask == 0) | (text_mask == 1))):
+            raise ValueError("text_mask must hold 0 and 1 only (an int, bool or 0/1 float tensor), got other values")
         if x.dim() != 5 or x.shape[1] != c.in_channels:
             raise ValueError(f"x must be latents (B, C, T, H, W) with C = in_channels = {c.in_channels}, "
                              f"got shape {tuple(x.shape)}")
@@ -269,11 +287,18 @@ class HYVideoDiffusionTransformer(nn.Module):
 
     @staticmethod
     def _per_sample(v, B: int, name: str, device) -> torch.Tensor:
+        if isinstance(v, bool) or not isinstance(v, (int, float, torch.Tensor)):
+            raise TypeError(f"{name} must be a number or a (B,) tensor, got {type(v).__name__}")
         v = torch.as_tensor(v, device=device)
         if v.dim() == 0:
-            return v.expand(B)
+            v = v.expand(B)
         if tuple(v.shape) != (B,):
             raise ValueError(f"{name} must be a scalar or (B,) = ({B},), got shape {tuple(v.shape)}")
+        what = "timesteps in [0, 1000]" if name == "t" else "embedded cfg scale x 1000, e.g. 6016.0"
+        if v.dtype == torch.bool or v.is_complex():
+            raise ValueError(f"{name} must be real numbers ({what}), got a {v.dtype} tensor")
+        if v.device.type != "meta" and not bool(torch.isfinite(v).all()):
+            raise ValueError(f"{name} must be finite ({what}), got {v.tolist()[:8]}")
         return v
 
 

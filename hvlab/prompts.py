@@ -131,8 +131,10 @@ def validate_prompts(prompt: str | Sequence[str], batch_size: int | None = None,
     With ``batch_size``, a single str is repeated to that many (how a negative prompt is shared by
     the batch) and a list must have exactly that length. ``name`` is used in error messages.
     """
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"batch_size must be an int >= 1 or None, got {batch_size!r}")
     if isinstance(prompt, str):
-        return [prompt] * (batch_size or 1)
+        return [prompt] * (1 if batch_size is None else batch_size)
     if not isinstance(prompt, (list, tuple)):
         raise TypeError(f"{name} must be a str or a list of str, got {type(prompt).__name__}")
     if len(prompt) == 0:

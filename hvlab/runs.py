@@ -6,14 +6,20 @@ A `GenerationSettings` is every argument that determines a video, written beside
 ``pipe.generate(GenerationSettings.from_dict(json))`` makes the same video again. Ctrl-C and NaN write a
 resume file (`save_state` / `load_state`): the latents before the step that was interrupted or went wrong.
 
+Every file here is written atomically (`hvlab.outputs.atomic_write`), and every file read back is checked
+(`hvlab.validate.check_settings`, `load_state`) so that a wrong or damaged one is refused with its path.
+
 This module imports no torch at import time, so ``hvlab --help`` can show the defaults instantly.
 """
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from .outputs import atomic_write, write_text
 
 if TYPE_CHECKING:  # annotations only: torch is imported where it is used
     import torch
@@ -47,12 +53,26 @@ class GenerationSettings:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "GenerationSettings":
+    def from_dict(cls, d: dict, source: str | None = None) -> "GenerationSettings":
+        """Settings from a dict (a settings.json, a resume file's "settings"), every field checked
+        (`hvlab.validate.check_settings`); ``source`` names the file in error messages."""
+        from .validate import check_settings
+
+        where = f"{source}: " if source else ""
+        if not isinstance(d, dict):
+            raise ValueError(f"{where}expected generation settings as a JSON object (a dict), got {type(d).__name__}")
         names = {f.name for f in fields(cls)}
         missing = sorted(n for n in names if n not in d and n not in ("num_videos_per_prompt", "seed_device"))
         if missing:
-            raise ValueError(f"generation settings lack {missing}; expected the keys {sorted(names)}")
-        return cls(**{k: v for k, v in d.items() if k in names})
+            raise ValueError(f"{where}generation settings lack {missing}; expected the keys {sorted(names)}")
+        s = cls(**{k: v for k, v in d.items() if k in names})
+        check_settings(s, source, official=RELEASE_DEFAULTS)
+        return s
+
+    @classmethod
+    def from_json(cls, path) -> "GenerationSettings":
+        """Read a settings.json; a missing, non-UTF-8 or malformed file is refused naming the file (and line)."""
+        return cls.from_dict(read_json(path, "a settings.json"), source=str(path))
 
 
 @dataclass
@@ -93,6 +113,7 @@ class GenerationOutput:
     latents: torch.Tensor  # (B, C, T, H, W) final denoised latents (unscaled for the VAE: already / scaling)
     settings: GenerationSettings
     timings: dict = field(default_factory=dict)
+    files: list[str] = field(default_factory=list)  # absolute paths of the files written for it (the CLI's listing)
 
     def frames_uint8(self):
         """(B, F, H, W, 3) numpy uint8."""
@@ -100,21 +121,26 @@ class GenerationOutput:
 
         return to_uint8_frames(self.videos * 2 - 1)
 
-    def save(self, folder, fps: int = 24, gif: bool = False, extra: dict | None = None) -> list[str]:
-        """Write video.mp4 (video_{i}.mp4 for several), optionally GIFs, and settings.json (+ ``extra``)."""
+    def save(self, folder, fps: int = 24, gif: bool = False, extra: dict | None = None,
+             also: list[str] | None = None) -> list[str]:
+        """Write video.mp4 (video_{i}.mp4 for several), optionally GIFs, and settings.json (+ ``extra``), each
+        atomically. settings.json's "files" lists every file of the run, relative to ``folder``: these and
+        ``also`` (files the caller wrote there). Returns the absolute paths of the files written here."""
         from .video import save_video
 
-        folder = Path(folder)
+        folder = Path(folder).resolve()
         folder.mkdir(parents=True, exist_ok=True)
         frames, paths = self.frames_uint8(), []
         for i, f in enumerate(frames):
             stem = "video" if len(frames) == 1 else f"video_{i}"
-            paths.append(save_video(f, folder / f"{stem}.mp4", fps=fps))
-            if gif:
-                paths.append(save_video(f, folder / f"{stem}.gif", fps=fps))
-        info = dict(self.settings.to_dict(), timings=self.timings, **(extra or {}))
-        (folder / "settings.json").write_text(json.dumps(info, indent=2, default=str))
-        return paths + [str(folder / "settings.json")]
+            for ext in ("mp4", "gif") if gif else ("mp4",):
+                paths.append(atomic_write(folder / f"{stem}.{ext}", lambda tmp: save_video(f, tmp, fps=fps)))
+        settings_file = folder / "settings.json"
+        listed = [*paths, *(also or []), str(settings_file)]
+        info = dict(self.settings.to_dict(), timings=self.timings, **(extra or {}),
+                    files=[os.path.relpath(p, folder) for p in listed])
+        write_text(settings_file, json.dumps(info, indent=2, default=str))
+        return paths + [str(settings_file)]
 
 
 class NonFiniteLatentsError(FloatingPointError):
@@ -126,32 +152,69 @@ class NonFiniteLatentsError(FloatingPointError):
 
 
 class GenerationInterrupted(KeyboardInterrupt):
-    """Ctrl-C during denoising; ``path`` holds the latents before ``step`` (resume with resume_from=path)."""
+    """Ctrl-C during a run; ``path`` holds the latents before ``step`` (resume with resume_from=path).
 
-    def __init__(self, step: int, path: str | None):
-        super().__init__(f"interrupted before denoising step {step}" + (f"; state saved to {path}" if path else ""))
-        self.step, self.path = step, path
+    ``step == n`` (``stage == "decode"``): denoising had finished; the file holds the denoised latents and a
+    resume goes straight to the decode."""
+
+    def __init__(self, step: int, path: str | None, stage: str = "denoise"):
+        what = ("interrupted after denoising (during the decode or while saving)" if stage == "decode"
+                else f"interrupted before denoising step {step}")
+        super().__init__(what + (f"; state saved to {path}" if path else ""))
+        self.step, self.path, self.stage = step, path, stage
 
 
 def save_state(path, latents: torch.Tensor, step: int, settings: dict | None, **extra) -> str:
-    """The resume file: latents (B, C, T, H, W) *before* step ``step``, the step index and the settings."""
+    """The resume file: latents (B, C, T, H, W) *before* step ``step``, the step index and the settings;
+    written atomically (a second Ctrl-C while it is written leaves the previous file or none)."""
     import torch
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(dict(latents=latents.detach().float().cpu(), step=int(step), settings=settings, **extra), path)
-    return str(path)
+    state = dict(latents=latents.detach().float().cpu(), step=int(step), settings=settings, **extra)
+    return atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 def load_state(path) -> dict:
-    """Read a file written by `save_state` (weights_only: it holds tensors, numbers and strings only)."""
+    """Read a file written by `save_state` (weights_only: tensors, numbers and strings only); a damaged or
+    foreign file, wrong settings, or a step outside 0 .. num_inference_steps are refused naming the path."""
     import torch
 
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    from .checkpoint import read_torch_file
+    from .validate import check_resume_step
+
+    state = read_torch_file(path, what="resume file")
     if not isinstance(state, dict):
-        raise ValueError(f"{path} is not an hvlab resume file (expected a dict with latents, step, settings)")
+        raise ValueError(f"{path} is not an hvlab resume file (expected a dict with latents, step, settings; "
+                         f"got a {type(state).__name__})")
     missing = [k for k in ("latents", "step", "settings") if k not in state]
     if missing or state["settings"] is None:
         raise ValueError(f"{path} is not an hvlab resume file: expected the keys latents, step, settings "
                          f"(written on Ctrl-C or NaN), missing {missing or ['settings']}")
+    settings = GenerationSettings.from_dict(state["settings"], source=f"{path} (its settings)")
+    z = state["latents"]
+    if not isinstance(z, torch.Tensor) or z.dim() != 5 or not z.is_floating_point():
+        raise ValueError(f"{path}: latents must be a float tensor (B, C, T, H, W), got "
+                         f"{tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__}")
+    check_resume_step(state["step"], settings.num_inference_steps, source=str(path))
     return state
+
+
+def read_json(path, what: str = "a JSON file"):
+    """``json.loads`` of a file, refusing a missing, unreadable, non-UTF-8 or malformed one with its path."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such file (expected {what})") from None
+    except IsADirectoryError:
+        raise ValueError(f"{path} is a folder, not {what}") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not {what}: byte {e.start} is not UTF-8 text") from None
+    except OSError as e:
+        raise ValueError(f"cannot read {path}: {e.strerror}") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}); expected "
+                         f"{what}") from None

@@ -26,6 +26,7 @@ from typing import Sequence
 import torch
 
 from .runs import RELEASE_DEFAULTS
+from .validate import check_flow_shift, check_steps
 
 SOLVERS = ("euler",)
 
@@ -40,17 +41,11 @@ def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
 
 
 def _check_shift(shift: float) -> float:
-    if isinstance(shift, bool) or not isinstance(shift, (int, float)) or not math.isfinite(shift) or shift <= 0:
-        raise ValueError(f"shift must be a finite number > 0 (official default {RELEASE_DEFAULTS['flow_shift']}), "
-                         f"got {shift!r}")
-    return float(shift)
+    return check_flow_shift(shift, "shift", default=RELEASE_DEFAULTS["flow_shift"])
 
 
-def _check_steps(n: int, name: str = "num_inference_steps") -> int:
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"{name} must be an int >= 1 (official default {RELEASE_DEFAULTS['num_inference_steps']}), "
-                         f"got {n!r}")
-    return n
+def _check_steps(n: int, name: str = "num_inference_steps", default: int = RELEASE_DEFAULTS["num_inference_steps"]) -> int:
+    return check_steps(n, name, default=default)
 
 
 class FlowMatchDiscreteScheduler:
@@ -70,7 +65,7 @@ class FlowMatchDiscreteScheduler:
 
     def __init__(self, num_train_timesteps: int = 1000, shift: float = RELEASE_DEFAULTS["flow_shift"],
                  reverse: bool = True, solver: str = "euler"):
-        _check_steps(num_train_timesteps, "num_train_timesteps")
+        _check_steps(num_train_timesteps, "num_train_timesteps", default=1000)
         if solver not in SOLVERS:
             raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
         self.num_train_timesteps = num_train_timesteps

@@ -188,7 +188,8 @@ class AutoencoderKLCausal3D(nn.Module):
         The overlap must come to whole latents (e.g. a multiple of 32 px at 25%); the error names valid sizes.
         """
         self.tiling = TilingConfig.from_sample_sizes(
-            tile_sample_min_size or self.config.sample_size, tile_sample_min_num_frames or self.config.sample_tsize,
+            self.config.sample_size if tile_sample_min_size is None else tile_sample_min_size,
+            self.config.sample_tsize if tile_sample_min_num_frames is None else tile_sample_min_num_frames,
             tile_overlap_factor, self.config.spatial_compression_ratio, self.config.temporal_compression_ratio)
         self.use_tiling = True
 
@@ -205,13 +206,19 @@ class AutoencoderKLCausal3D(nn.Module):
 
     def encode(self, x: torch.Tensor) -> DiagonalGaussianDistribution:
         cfg = self.config
-        if x.ndim != 5 or x.shape[1] != cfg.in_channels:
-            raise ValueError(f"encode expects a video (B, {cfg.in_channels}, F, H, W) in [-1, 1], got {tuple(x.shape)}")
+        if not isinstance(x, torch.Tensor) or x.ndim != 5 or x.shape[1] != cfg.in_channels:
+            raise ValueError(f"encode expects a video (B, {cfg.in_channels}, F, H, W) in [-1, 1], got "
+                             f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+        if not x.is_floating_point():
+            raise ValueError(f"encode expects a floating-point video in [-1, 1], got {x.dtype} (uint8 frames: "
+                             f"x.float() / 127.5 - 1)")
         _, _, Fr, H, W = x.shape
+        if x.shape[0] == 0:
+            raise ValueError(f"encode got an empty batch (B = 0) in shape {tuple(x.shape)}")
         rt, rs = cfg.temporal_compression_ratio, cfg.spatial_compression_ratio
         check_video_length(Fr, rt, name="the frame count")
         for name, n in (("height", H), ("width", W)):
-            if n % rs:
+            if n < 1 or n % rs:
                 raise ValueError(f"{name} must be a multiple of {rs}, got {n}, nearest valid: "
                                  f"{nearest_valid(n, rs)}")
         x = x.to(self.dtype)
@@ -233,9 +240,17 @@ class AutoencoderKLCausal3D(nn.Module):
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         cfg = self.config
-        if z.ndim != 5 or z.shape[1] != cfg.latent_channels:
+        if not isinstance(z, torch.Tensor) or z.ndim != 5 or z.shape[1] != cfg.latent_channels:
             raise ValueError(f"decode expects latents (B, {cfg.latent_channels}, T, h, w) (unscaled: divide the DiT's "
-                             f"latents by scaling_factor={cfg.scaling_factor}), got {tuple(z.shape)}")
+                             f"latents by scaling_factor={cfg.scaling_factor}), got "
+                             f"{tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__}")
+        if not z.is_floating_point():
+            raise ValueError(f"decode expects floating-point latents, got {z.dtype}")
+        for axis, n in zip("BThw", (z.shape[0], *z.shape[2:])):
+            if n < 1:
+                raise ValueError(f"decode got {axis} = 0 in latents of shape {tuple(z.shape)}: every axis needs at least "
+                                 f"one entry (T = 1 latent frame decodes to 1 video frame; h = w = 1 to "
+                                 f"{cfg.spatial_compression_ratio} x {cfg.spatial_compression_ratio} pixels)")
         z = z.to(self.dtype)
         _, _, T, h, w = z.shape
         rt, rs = cfg.temporal_compression_ratio, cfg.spatial_compression_ratio
@@ -275,7 +290,11 @@ _CONFIG_IGNORED = {"_class_name", "_diffusers_version", "_name_or_path", "down_b
 
 def vae_config_from_json(path: str | os.PathLike) -> VAEConfig:
     """A `VAEConfig` from the release's (or diffusers') config.json."""
-    raw = json.loads(Path(path).read_text())
+    from .runs import read_json
+
+    raw = read_json(path, "a VAE config.json")
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: a VAE config.json holds a JSON object, got {type(raw).__name__}")
     if raw.get("act_fn", "silu") != "silu":
         raise ValueError(f"{path}: act_fn must be 'silu' (the only activation hvlab's VAE has), got {raw['act_fn']!r}")
     if raw.get("shift_factor"):

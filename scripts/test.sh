@@ -7,7 +7,7 @@ bash scripts/setup.sh
 . .venv/bin/activate
 # two pytest workers on two cores: one torch thread each, or they oversubscribe the cores 4x
 export MPLBACKEND=Agg PYTHONHASHSEED=0 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=1
-python -m pytest -q -n 2 --dist loadfile tests "$@"
+python -m pytest -q -rs -n 2 --dist loadfile tests "$@"   # -rs: every skip with its reason
 if [ -z "${HVLAB_SKIP_NOTEBOOKS:-}" ] && ls notebooks/*.ipynb >/dev/null 2>&1; then
   python scripts/check_notebooks.py notebooks        # committed notebooks carry no outputs
   # every notebook under nbmake, run once: on copies in build/ that keep their outputs for the docs site

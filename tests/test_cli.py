@@ -52,7 +52,7 @@ def test_concept_maps_from_the_command_line_for_words_that_need_not_be_in_the_pr
     saved = torch.load(out_dir / "attention.pt")
     assert saved["labels"] == ["red", "triangle"] and saved["maps"].shape[3] == 2
     torch.testing.assert_close(saved["maps"].sum(3), torch.ones_like(saved["maps"].sum(3)))  # softmax over words
-    with pytest.raises(SystemExit, match="not in the prompt"):  # cross-attention maps need prompt words
+    with pytest.raises(ValueError, match="not in the prompt"):  # cross-attention maps need prompt words
         generate(PROMPT, "--model", "tiny-random", "--infer-steps", "3", "--record-attention", "triangle",
                  "--save-path", str(tmp_path / "d"))
 
@@ -91,7 +91,7 @@ def test_bad_input_exits_with_a_message_that_names_the_fix(argv, message, capsys
 
 
 def test_attention_words_must_be_in_the_prompt():
-    with pytest.raises(SystemExit, match=r"\['square'\] are not in the prompt"):
+    with pytest.raises(ValueError, match=r"\['square'\] are not in the prompt"):
         cli._attention_words("square", PROMPT)
     assert cli._attention_words("auto", "the red circle, moving right") == ["red", "circle", "moving", "right"]
 
@@ -131,6 +131,7 @@ def test_toy_generate_from_a_fresh_process_within_20_seconds(tmp_path):
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     assert res.returncode == 0, res.stderr
-    assert res.stdout.strip().splitlines()[-1] == str(tmp_path)  # prints the output folder
+    lines = res.stdout.strip().splitlines()  # the files written, absolute paths
+    assert lines[0] == f"wrote {len(lines) - 1} files to {tmp_path}:" and f"  {tmp_path / 'settings.json'}" in lines
     assert (tmp_path / "video.mp4").exists()
     assert cpu <= 20, f"hvlab generate used {cpu:.1f} s of CPU ({wall:.1f} s wall); the budget is 20 s"

@@ -51,6 +51,9 @@ def release(tmp_path, monkeypatch):
 def fake_card(monkeypatch, total_GiB: float, free_GiB: float | None = None):
     free = total_GiB if free_GiB is None else free_GiB
     monkeypatch.setattr(M, "card_memory", lambda device: (int(free * M.GiB), int(total_GiB * M.GiB)))
+    # the CLI checks that --device cuda exists before anything else: this machine "has" one card
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
 
 
 def release_estimate(fp8=False, resident=ALL, size=(720, 1280, 129), tile=(256, 64)):

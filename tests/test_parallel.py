@@ -77,6 +77,7 @@ def test_cli_under_torchrun_gives_the_single_process_latents(tmp_path):
     import os
     import subprocess
     import sys
+    from pathlib import Path
 
     from hvlab import cli
 
@@ -87,7 +88,9 @@ def test_cli_under_torchrun_gives_the_single_process_latents(tmp_path):
                           "generate", *common, "--ulysses-degree", "2", "--save-path", str(tmp_path / "sp")],
                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
     assert run.returncode == 0, run.stderr[-2000:]
-    assert run.stdout.strip().splitlines() == [str(tmp_path / "sp")]  # printed by rank 0 only
+    lines = run.stdout.strip().splitlines()  # printed by rank 0 only: the files it wrote
+    assert lines[0] == f"wrote {len(lines) - 1} files to {tmp_path / 'sp'}:"
+    assert sorted(Path(x.strip()).name for x in lines[1:]) == sorted(os.listdir(tmp_path / "sp"))
     _, ref = cli.cmd_generate(cli.build_parser().parse_args(["generate", *common, "--save-path",
                                                              str(tmp_path / "one")]))
     latents = torch.load(tmp_path / "sp" / "latents.pt")

@@ -91,10 +91,11 @@ def _attention_stub(q, k, v, *, img_len, txt_lens=None):
 
 
 def trace_dit_block_peaks(config, L_img: int, L_txt: int = 256, chunk_tokens: int | None = None,
-                          dtype: torch.dtype = torch.bfloat16, batch: int = 1) -> dict[str, float]:
+                          dtype: torch.dtype = torch.bfloat16, batch: int = 1, fast: bool = True) -> dict[str, float]:
     """Peak bytes allocated *inside* one double and one single block (inputs excluded), traced on meta.
 
     Returns ``{"double": bytes, "single": bytes, "stream": bytes}``; "stream" is one (B, L, D) token tensor.
+    ``fast`` traces the fast wing's blocks (what runs on CUDA), else the reference blocks (the CPU's).
     """
     from ..model import HYVideoDiffusionTransformer
     from . import accelerate
@@ -102,7 +103,8 @@ def trace_dit_block_peaks(config, L_img: int, L_txt: int = 256, chunk_tokens: in
     c = config
     one = replace(c, mm_double_blocks_depth=1, mm_single_blocks_depth=1, refiner_depth=0)
     model = HYVideoDiffusionTransformer(one, device="meta", dtype=dtype)
-    accelerate(model, chunk_tokens=chunk_tokens)  # the blocks that run at 720p: buffers, chunks, fused GELU
+    if fast:
+        accelerate(model, chunk_tokens=chunk_tokens)  # the blocks that run at 720p: buffers, chunks, fused GELU
     double, single = model.double_blocks[0], model.single_blocks[0]
     for b in (double, single):
         b.attn_fn = _attention_stub

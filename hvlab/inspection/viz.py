@@ -62,7 +62,9 @@ def frame_grid(video, frames: Sequence[int] | None = None, ncols: int | None = N
     by side gets wide panels), and the title wraps to that width."""
     f = as_frames(video)
     frames = list(frames) if frames is not None else pick_frames(len(f))
-    ncols = ncols or len(frames)
+    ncols = len(frames) if ncols is None else ncols
+    if ncols < 1:
+        raise ValueError(f"ncols must be >= 1 (or None: one row), got {ncols}")
     nrows = -(-len(frames) // ncols)
     aspect = f.shape[2] / f.shape[1]  # width / height of a frame
     width = min(PAGE_IN, max(MIN_IN, 1.6 * aspect * ncols))

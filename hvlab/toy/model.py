@@ -18,12 +18,10 @@ from pathlib import Path
 import torch
 
 from ..model import PRESETS, HYVideoDiffusionTransformer
-from ..runs import RELEASE_DEFAULTS
 from ..vae import TINY_VAE_CONFIG, AutoencoderKLCausal3D, VAEConfig
+from .facts import TINY_DEFAULTS, TOY_DEFAULTS, TOY_FRAMES, TOY_SIZE  # noqa: F401  (torch-free: --help reads them)
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
-
-TOY_FRAMES, TOY_SIZE = 17, 128
 
 # The VAE: 8x spatial and 4x temporal compression into 16 channels, as the release; narrower blocks.
 TOY_VAE_CONFIG = VAEConfig(
@@ -37,15 +35,6 @@ TOY_VAE_CONFIG = VAEConfig(
 # Text encoders (fixed random initialisation).
 TOY_LLM = dict(hidden=128, layers=4, heads=4, seed=1234, max_length=16)  # skip 2 -> layer-2 states
 TOY_CLIP = dict(hidden=64, layers=2, seed=4321, max_length=77)
-
-# Generation defaults that the toy was evaluated with (the model card lists the evaluation).
-TOY_DEFAULTS = dict(height=TOY_SIZE, width=TOY_SIZE, video_length=TOY_FRAMES, num_inference_steps=30,
-                    guidance_scale=4.0, embedded_guidance_scale=None, flow_shift=5.0, flow_reverse=True,
-                    fps=8, negative_prompt="")
-# The "tiny" preset's (every block type at the smallest sizes): guidance-distilled like the release, 4 steps.
-TINY_DEFAULTS = dict(height=64, width=64, video_length=9, num_inference_steps=4, guidance_scale=1.0,
-                     embedded_guidance_scale=RELEASE_DEFAULTS["embedded_guidance_scale"], flow_shift=5.0,
-                     flow_reverse=True, fps=8, negative_prompt="")
 
 
 def build_text_encoders(tokenizer=None):
@@ -78,8 +67,10 @@ def load_toy(device: str | torch.device = "cpu", dtype: torch.dtype = torch.floa
     """
     from ..checkpoint import load_dit_checkpoint, load_into, load_state_dict_file
     from ..pipeline import HunyuanVideoPipeline
+    from ..validate import check_device, check_dtype
     from ..vae import load_vae_checkpoint
 
+    device, dtype = check_device(device), check_dtype(dtype)
     wd = Path(weights_dir or os.environ.get("HVLAB_TOY_WEIGHTS", WEIGHTS_DIR))
     if not (wd / "dit.safetensors").exists():
         raise FileNotFoundError(
