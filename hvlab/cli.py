@@ -183,12 +183,30 @@ def _attention_words(spec: str, prompt: str, in_prompt: bool = True) -> list[str
 
     words = [w.group() for w in _WORD.finditer(prompt)]
     if spec == "auto":
-        return [w for w in words if w.lower() not in STOPWORDS and w.isalnum()]
-    asked = [w.strip() for w in spec.split(",") if w.strip()]
+        asked = [w for w in words if w.lower() not in STOPWORDS and w.isalnum()]
+    else:
+        asked = [w.strip() for w in spec.split(",") if w.strip()]
     unknown = [w for w in asked if w not in words]
     if unknown and in_prompt:
         raise SystemExit(f"--record-attention words {unknown} are not in the prompt; its words are {words}")
-    return asked
+    # cross-attention maps belong to word positions: a word that occurs twice ("moving" in a two-object prompt)
+    # keeps both; a concept is the word itself, so it is recorded once
+    return asked if in_prompt else list(dict.fromkeys(asked))
+
+
+def _word_rows(words: list[str], labels: list[str]) -> list[str | int]:
+    """Rows for `attention_overlay`: each word's next unused occurrence among the recorded ``labels``, as its
+    index when the word occurs more than once there (so the second "moving" draws its own map), else the word."""
+    used: dict[str, int] = {}
+    rows = []
+    for w in words:
+        places = [i for i, lab in enumerate(labels) if lab == w]
+        if not places:
+            continue
+        k = used.get(w, 0)
+        used[w] = k + 1
+        rows.append(w if len(places) == 1 else places[min(k, len(places) - 1)])
+    return rows
 
 
 def _parse_block(spec: str) -> tuple[str, int]:
@@ -341,12 +359,15 @@ def _extras(out, out_dir: Path, pipe, latent_rec, att_rec, words, args, info: di
         from .inspection.viz import attention_overlay
 
         maps = att_rec.maps(sample=0, softmax=True) if args.attention_kind == "concept" else att_rec.text_maps(sample=0)
-        words = [w for w in words if w in maps.labels]
-        fig = attention_overlay(out.videos[0], maps, labels=words)
+        rows = _word_rows(words, maps.labels)
+        words = [maps.labels[r] if isinstance(r, int) else r for r in rows]
+        fig = attention_overlay(out.videos[0], maps, labels=rows)
         fig.savefig(out_dir / "attention.png", dpi=100)
         torch_save_maps(maps, out_dir / "attention.pt")
         files += [str(out_dir / "attention.png"), str(out_dir / "attention.pt")]
-        info["attention"] = dict(kind=args.attention_kind, words=words, steps=maps.steps, blocks=maps.blocks, heads=maps.heads,
+        info["attention"] = dict(kind=args.attention_kind, words=words,
+                                 label_indices=[r if isinstance(r, int) else maps.labels.index(r) for r in rows],
+                                 steps=maps.steps, blocks=maps.blocks, heads=maps.heads,
                                  direction=maps.direction, aggregation=maps.aggregation)
     return files
 
