@@ -69,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="release model: load even when the memory plan says the video will not fit")
     g.add_argument("--record-attention", default=None, metavar="WORDS",
                    help="comma-separated prompt words, or 'auto' (every word but articles): saves attention.png "
-                        "(maps of the first video, text token as key, mean over heads)")
+                        "(maps of the first video, text token as key, mean over heads; a word the prompt repeats, "
+                        "like 'moving' in a two-object prompt, gets one row per occurrence)")
     g.add_argument("--attention-kind", default="cross", choices=("cross", "concept"),
                    help="maps for --record-attention: cross (video queries on the prompt's text keys) or concept "
                         "(ConceptAttention-style output-space maps; the words need not be in the prompt)")
