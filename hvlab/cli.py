@@ -78,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "even when the estimate says the video will not fit")
     g.add_argument("--record-attention", default=None, metavar="WORDS",
                    help="comma-separated prompt words, or 'auto' (every word but articles): saves attention.png "
-                        "(maps of the first video, text token as key, mean over heads)")
+                        "(maps of the first video, text token as key, mean over heads; a word the prompt repeats, "
+                        "like 'moving' in a two-object prompt, gets one row per occurrence)")
     g.add_argument("--attention-kind", default="cross", choices=("cross", "concept"),
                    help="maps for --record-attention: cross (video queries on the prompt's text keys) or concept "
                         "(ConceptAttention-style output-space maps; the words need not be in the prompt)")
@@ -260,12 +261,30 @@ def _attention_words(spec: str, prompt: str, in_prompt: bool = True) -> list[str
 
     words = [w.group() for w in _WORD.finditer(prompt)]
     if spec == "auto":
-        return [w for w in words if w.lower() not in STOPWORDS and w.isalnum()]
-    asked = [w.strip() for w in spec.split(",") if w.strip()]
+        asked = [w for w in words if w.lower() not in STOPWORDS and w.isalnum()]
+    else:
+        asked = [w.strip() for w in spec.split(",") if w.strip()]
     unknown = [w for w in asked if w not in words]
     if unknown and in_prompt:
         raise ValueError(f"--record-attention words {unknown} are not in the prompt; its words are {words}")
-    return asked
+    # cross-attention maps belong to word positions: a word that occurs twice ("moving" in a two-object prompt)
+    # keeps both; a concept is the word itself, so it is recorded once
+    return asked if in_prompt else list(dict.fromkeys(asked))
+
+
+def _word_rows(words: list[str], labels: list[str]) -> list[str | int]:
+    """Rows for `attention_overlay`: each word's next unused occurrence among the recorded ``labels``, as its
+    index when the word occurs more than once there (so the second "moving" draws its own map), else the word."""
+    used: dict[str, int] = {}
+    rows = []
+    for w in words:
+        places = [i for i, lab in enumerate(labels) if lab == w]
+        if not places:
+            continue
+        k = used.get(w, 0)
+        used[w] = k + 1
+        rows.append(w if len(places) == 1 else places[min(k, len(places) - 1)])
+    return rows
 
 
 def _parse_block(spec: str) -> tuple[str, int]:
@@ -529,10 +548,13 @@ def _extras(out, out_dir: Path, pipe, latent_rec, att_rec, words, args, info: di
         from .inspection.viz import attention_overlay
 
         maps = att_rec.maps(sample=0, softmax=True) if args.attention_kind == "concept" else att_rec.text_maps(sample=0)
-        words = [w for w in words if w in maps.labels]
-        save_figure(attention_overlay(out.videos[0], maps, labels=words), "attention.png")
+        rows = _word_rows(words, maps.labels)
+        words = [maps.labels[r] if isinstance(r, int) else r for r in rows]
+        save_figure(attention_overlay(out.videos[0], maps, labels=rows), "attention.png")
         files.append(atomic_write(out_dir / "attention.pt", lambda tmp: torch_save_maps(maps, tmp)))
-        info["attention"] = dict(kind=args.attention_kind, words=words, steps=maps.steps, blocks=maps.blocks, heads=maps.heads,
+        info["attention"] = dict(kind=args.attention_kind, words=words,
+                                 label_indices=[r if isinstance(r, int) else maps.labels.index(r) for r in rows],
+                                 steps=maps.steps, blocks=maps.blocks, heads=maps.heads,
                                  direction=maps.direction, aggregation=maps.aggregation)
     return files
 

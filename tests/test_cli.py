@@ -57,6 +57,30 @@ def test_concept_maps_from_the_command_line_for_words_that_need_not_be_in_the_pr
                  "--save-path", str(tmp_path / "d"))
 
 
+def test_both_kinds_of_map_for_a_two_object_prompt_draw_each_repeated_word_once_per_occurrence(tmp_path):
+    pair = "a red circle moving left and a blue square moving up"  # "moving" occurs twice
+    common = ("--model", "tiny-random", "--seed", "9", "--infer-steps", "3", "--preview-every", "0",
+              "--record-attention", "auto", "--attention-block", "single:0")
+    x_dir, _ = generate(pair, *common, "--attention-kind", "cross", "--save-path", str(tmp_path / "x"))
+    x = json.loads((x_dir / "settings.json").read_text())["attention"]
+    assert x["words"] == ["red", "circle", "moving", "left", "blue", "square", "moving", "up"]
+    assert x["label_indices"] == [1, 2, 3, 4, 7, 8, 9, 10]  # the second "moving" is word 9, not word 3 again
+    saved = torch.load(x_dir / "attention.pt")
+    assert [saved["labels"][i] for i in x["label_indices"]] == x["words"]
+    assert not torch.equal(saved["maps"][..., 3, :, :, :], saved["maps"][..., 9, :, :, :])  # two maps, two rows
+    c_dir, _ = generate(pair, *common, "--attention-kind", "concept", "--save-path", str(tmp_path / "c"))
+    c = json.loads((c_dir / "settings.json").read_text())["attention"]
+    assert c["kind"] == "concept" and c["words"] == ["red", "circle", "moving", "left", "blue", "square", "up"]
+    assert torch.load(c_dir / "attention.pt")["labels"] == c["words"]  # a concept is a word: recorded once
+
+
+def test_word_rows_pick_each_occurrence_of_a_repeated_word_in_turn():
+    labels = ["a", "red", "circle", "moving", "left", "and", "a", "blue", "square", "moving", "up"]
+    assert cli._word_rows(["moving", "red", "moving", "up"], labels) == [3, "red", 9, "up"]
+    assert cli._word_rows(["moving"], labels) == [3]  # one asked: the first occurrence
+    assert cli._word_rows(["triangle"], labels) == []  # not recorded: no row
+
+
 def test_resume_from_an_interrupted_run_gives_the_uninterrupted_video(tmp_path):
     from hvlab.runs import GenerationInterrupted
     from hvlab.toy.model import random_toy_pipeline

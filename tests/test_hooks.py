@@ -204,6 +204,27 @@ def test_figures_state_their_aggregation_and_the_explorer_only_indexes(pipe, tmp
     for part in ("text as key", "step 1", "block single 0", "mean of heads 0, 1", "summed per word"):
         assert part in title
     assert "<script" in Path(save_animation(out.videos[0], tmp_path / "a.html", fps=4)).read_text()
+
+    from dataclasses import replace
+
+    import numpy as np
+
+    from hvlab.inspection.viz import heat_on_frames, maps_side_by_side
+
+    other = replace(maps, maps=maps.maps.flip(-1), direction="concept")  # a second kind: the maps mirrored
+    mask = torch.zeros(out.videos.shape[2], *out.videos.shape[3:], dtype=torch.bool)
+    mask[:, :8, :8] = True
+    fig = maps_side_by_side(out.videos[0], {"cross": maps, "mirrored": other}, ["circle", "right"], frames=[0, 4],
+                            step=1, block=("single", 0), masks=[mask])
+    assert fig.get_size_inches()[0] >= 6.0  # the site's 600 px floor
+    axes = fig.axes  # rows: the video, "circle", "right"; columns: cross frames 0, 4, then mirrored frames 0, 4
+    assert len(axes) == 3 * 4
+    panel = axes[1 * 4 + 3].images[0].get_array()  # "circle", mirrored kind, frame 4
+    np.testing.assert_array_equal(panel, heat_on_frames(out.videos[0], other.get("circle", step=1,
+                                                                                 block=("single", 0)))[4])
+    assert axes[2 * 4 + 0].collections  # the mask's outline is drawn on every map
+    title = fig._suptitle.get_text().replace("\n", " ")
+    assert "step 1" in title and "block single 0" in title and "mean of heads 0, 1" in title
     pytest.importorskip("ipywidgets")
     import base64
 

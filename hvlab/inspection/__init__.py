@@ -9,7 +9,7 @@
   through the text weights that reads the video and is never read back).
 - `preview` — cheap RGB previews of latents through a fitted per-pixel 16 -> 3 map (linear, or one hidden layer).
 - `viz` — matplotlib figures sized for the docs page (frame grids, video grids, denoising strips, attention
-  overlays, animations) and `Table`.
+  overlays, maps of several kinds side by side, animations) and `Table`.
 - `widgets` — ipywidgets explorers, each with a static-figure twin.
 
 The attention probabilities themselves (chunked exact log-sum-exp columns, selected rows) live beside the
@@ -19,7 +19,7 @@ from .attention_maps import AttentionMaps, AttentionRecorder, resolve_blocks, up
 from .hooks import LatentRecorder, PipelineHook, channel_stats
 from .preview import fit_latent_to_rgb, latent_to_rgb, video_on_latent_grid
 from .viz import (animation_html, as_frames, attention_overlay, channel_stats_plot, denoising_strip, frame_grid,
-                  heat_on_frames, pick_frames, save_animation, videos_grid)
+                  heat_on_frames, maps_side_by_side, pick_frames, save_animation, videos_grid)
 from .widgets import attention_explorer, attention_static, latent_explorer, latents_static
 from .words import WORD_PATTERN, token_words
 
@@ -32,6 +32,6 @@ __all__ = [
     "token_words", "WORD_PATTERN",
     "fit_latent_to_rgb", "latent_to_rgb", "video_on_latent_grid",
     "animation_html", "as_frames", "attention_overlay", "channel_stats_plot", "denoising_strip", "frame_grid",
-    "heat_on_frames", "pick_frames", "save_animation", "videos_grid",
+    "heat_on_frames", "maps_side_by_side", "pick_frames", "save_animation", "videos_grid",
     "attention_explorer", "attention_static", "latent_explorer", "latents_static",
 ]

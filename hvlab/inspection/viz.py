@@ -167,6 +167,8 @@ def attention_overlay(video, maps: AttentionMaps, labels: Sequence[str] | None =
                       cmap: str = "inferno", normalize: str = "per_map", title: str | None = None):
     """Heat maps over decoded frames: one row per word (label), one column per frame.
 
+    ``labels``: words, or indices into ``maps.labels`` (to pick one occurrence of a word that occurs twice).
+
     ``normalize="per_map"`` scales each word's map to its own maximum over all frames (shapes are
     comparable, magnitudes are not: the row label gives the maximum); ``"shared"`` uses one scale.
     """
@@ -188,13 +190,70 @@ def attention_overlay(video, maps: AttentionMaps, labels: Sequence[str] | None =
             if r == 0:
                 ax.set_title(f"frame {i}", fontsize=8)
             if c == 0:
-                ax.set_ylabel(f"{lab!r}\nmax {float(h.max()):.3f}", fontsize=8)
+                name = f"{maps.labels[lab]!r} (word {lab})" if isinstance(lab, int) else repr(lab)
+                ax.set_ylabel(f"{name}\nmax {float(h.max()):.3f}", fontsize=8)
     what = {"key": "attention of video tokens on each word (text as key)",
             "query": "attention of each word over the video (text as query)",
             "video_query": "attention of one video token over the video",
             "concept": "concept maps: each word's attention output . each video token's (ConceptAttention)"}[maps.direction]
     scale = "each row scaled to its max" if normalize == "per_map" else "one colour scale"
     text = _wrap(title or f"{what}\n{maps.describe(step, block, head)}; {scale}", width, 9)
+    fig.suptitle(text, fontsize=9)
+    return fig
+
+
+def maps_side_by_side(video, maps: dict[str, AttentionMaps], labels: Sequence[str], frames: Sequence[int] | None = None,
+                      step=None, block=None, masks: Sequence | None = None, mask_colours: Sequence[str] | None = None,
+                      cmap: str = "gray", show_video: bool = True, title: str | None = None):
+    """Several kinds of map of the same words, side by side: one row per word, one group of columns per kind.
+
+    ``maps``: {name: AttentionMaps} (e.g. cross-attention and concept maps of one generation), each holding
+    every word of ``labels``. Each panel is one map at one frame, scaled to that map's maximum over all frames
+    (its shape is what counts; the row label gives each kind's maximum). ``masks``: optional (F, H, W) bool
+    masks (e.g. the detector's, one per object), drawn as outlines in ``mask_colours`` over every map, so a
+    reader sees which object a word's map lands on. ``show_video`` adds a first row with the frames themselves.
+    """
+    f = as_frames(video)
+    labels, kinds = list(labels), list(maps)
+    frames = list(frames) if frames is not None else pick_frames(len(f), 3)
+    if masks is not None:
+        masks = [np.asarray(torch.as_tensor(m).cpu()) for m in masks]
+        mask_colours = list(mask_colours) if mask_colours is not None else ["tab:red", "tab:blue", "tab:green"]
+        if len(mask_colours) < len(masks):
+            raise ValueError(f"need a colour per mask: {len(masks)} masks, {len(mask_colours)} colours")
+    heats = {k: [heat_on_frames(video, maps[k].get(lab, step=step, block=block)) for lab in labels] for k in kinds}
+    ncols = len(kinds) * len(frames)
+    width = min(PAGE_IN, max(MIN_IN, 1.5 * ncols + 1.0))
+    panel = (width - 1.0) / ncols
+    nrows = len(labels) + int(show_video)
+    parts = {k: maps[k].describe(step, block).split(", ") for k in kinds}  # step, block, heads[, words]
+    how = "; ".join(f"{k}: {', '.join(p[2:])}" for k, p in parts.items())
+    text = _wrap(title or f"{' | '.join(kinds)} maps, {', '.join(parts[kinds[0]][:2])} ({how}); each map scaled "
+                          f"to its own max over the frames" + ("; outlines: the detected objects" if masks is not None
+                                                              else ""), width, 9)
+    fig = _figure(width, nrows * panel + 1.0 + 0.2 * text.count("\n"))
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    for g, kind in enumerate(kinds):
+        for c, i in enumerate(frames):
+            col = g * len(frames) + c
+            for r in range(nrows):
+                ax = axes[r, col]
+                ax.set_xticks([]), ax.set_yticks([])
+                if r == 0:
+                    ax.set_title(f"{kind}\nframe {i}", fontsize=8)
+                if show_video and r == 0:
+                    ax.imshow(f[i], interpolation="nearest")
+                    if col == 0:
+                        ax.set_ylabel("video", fontsize=8)
+                    continue
+                w = r - int(show_video)
+                h = heats[kind][w]
+                ax.imshow(h[i], cmap=cmap, vmin=0, vmax=float(h.max()) or 1.0, interpolation="nearest")
+                for m, colour in zip(masks or [], mask_colours or []):
+                    if m[i].any():
+                        ax.contour(m[i].astype(float), levels=[0.5], colors=[colour], linewidths=1.2)
+                if c == 0:
+                    ax.set_ylabel(f"{labels[w]!r}\nmax {float(h.max()):.3g}", fontsize=8)
     fig.suptitle(text, fontsize=9)
     return fig
 
