@@ -257,12 +257,12 @@ def test_saved_diffusers_file_round_trips(tmp_path):
             torch.testing.assert_close(got, d, rtol=0, atol=1e-6)
 
 
-# --- diffusers itself as the reference ---------------------------------------------------------------------
-diffusers = pytest.importorskip("diffusers")
-pytest.importorskip("peft")
-
+# --- diffusers itself as the reference (diffusers and peft: test-only dependencies, `.[test]`) ----------------
+# (skipped per test, not per module: a module-level skip would hide every test above when peft is missing)
 
 def _diffusers_pair():
+    diffusers = pytest.importorskip("diffusers")
+    pytest.importorskip("peft")
     ours = _model()
     ref = diffusers.HunyuanVideoTransformer3DModel(
         in_channels=16, out_channels=16, num_attention_heads=2, attention_head_dim=32, num_layers=1,
@@ -298,9 +298,9 @@ def test_hvlab_saved_adapter_loads_in_diffusers_with_the_same_output(tmp_path):
 @torch.no_grad()
 def test_adapter_written_by_diffusers_loads_in_hvlab(tmp_path):
     """diffusers + PEFT write the file (alpha != r, recorded in the file's lora_adapter_metadata)."""
-    from peft import LoraConfig
-
     ours, ref = _diffusers_pair()
+    from peft import LoraConfig  # after _diffusers_pair, which skips the test when peft is missing
+
     ref.add_adapter(LoraConfig(r=2, lora_alpha=6, init_lora_weights=False, target_modules=[
         "to_q", "to_k", "add_v_proj", "proj_mlp", "proj_out", "ff.net.0.proj", "norm_out.linear"]))
     ref.save_lora_adapter(str(tmp_path), weight_name="pytorch_lora_weights.safetensors")
@@ -317,7 +317,7 @@ def test_official_layout_agrees_with_diffusers_conversion():
     sd = {k: v for k, v in sd.items() if "double_blocks" in k}
     ours, ref = _diffusers_pair()
     lora.load_lora(ours, dict(sd), "o")
-    converted = diffusers.HunyuanVideoPipeline.lora_state_dict(dict(sd))
+    converted = pytest.importorskip("diffusers").HunyuanVideoPipeline.lora_state_dict(dict(sd))
     ref.load_lora_adapter(converted, prefix="transformer", adapter_name="o")
     assert rel_err(ours(*_inputs()), _ref_out(ref)) <= 1e-5
 
