@@ -26,7 +26,7 @@ import hvlab.toy.model as tm
 from hvlab.inspection import ConceptRecorder
 from hvlab.toy import data, map_metrics
 from hvlab.toy.detector import detect_scene
-from hvlab.toy.evaluate import all_blocks, pair_prompts
+from hvlab.toy.evaluate import ConceptWords, all_blocks, pair_prompts
 
 STEPS = [5, 11, 20, 29]
 
@@ -45,7 +45,7 @@ def main(n: int = 6) -> None:
     torch.set_grad_enabled(False)
     pipe = tm.load_toy()
     prompts = pair_prompts("heldout", n, seed=0, start=40)
-    vocab = list(data.COLOURS) + list(data.SHAPES) + list(data.DIRECTIONS)
+    vocab = list(ConceptWords.VOCABULARY)  # the evaluation's concepts, in its order
     blocks = all_blocks(pipe)
     t0 = time.perf_counter()
     with ConceptRecorder(pipe, vocab, steps=STEPS, blocks=blocks) as rec:

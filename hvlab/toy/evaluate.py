@@ -82,14 +82,8 @@ def word_positions(prompt: str) -> list[list[int]]:
     return [[6 * k + 1, 6 * k + 2, 6 * k + 4] for k in range(len(data.parse_scene(prompt)))]
 
 
-class CrossAttentionWords:
-    """The "cross" map source: text-as-key cross-attention per word, mean of heads (`AttentionRecorder`)."""
-
-    def __init__(self, pipe, prompts, blocks, steps):
-        from ..inspection import AttentionRecorder
-
-        self.recorder = AttentionRecorder(pipe, steps=steps, blocks=blocks, reduce_heads="mean")
-        self.steps = sorted(steps)  # the recorder's order
+class _RecordedWords:
+    """A map source around one recorder (``self.recorder``, attached while the source is entered)."""
 
     def __enter__(self):
         self.recorder.__enter__()
@@ -97,6 +91,16 @@ class CrossAttentionWords:
 
     def __exit__(self, *exc):
         self.recorder.__exit__(*exc)
+
+
+class CrossAttentionWords(_RecordedWords):
+    """The "cross" map source: text-as-key cross-attention per word, mean of heads (`AttentionRecorder`)."""
+
+    def __init__(self, pipe, prompts, blocks, steps):
+        from ..inspection import AttentionRecorder
+
+        self.recorder = AttentionRecorder(pipe, steps=steps, blocks=blocks, reduce_heads="mean")
+        self.steps = sorted(steps)  # the recorder's order
 
     def word_maps(self, sample: int, prompt: str) -> torch.Tensor:
         maps = self.recorder.text_maps(sample=sample)  # (S, K, 1, N words, T, h, w)
@@ -108,24 +112,19 @@ class CrossAttentionWords:
         return m.unflatten(2, (len(pos), len(map_metrics.ROLES)))
 
 
-class ConceptWords:
+class ConceptWords(_RecordedWords):
     """The "concept" map source: output-space concept maps (`hvlab.inspection.ConceptRecorder`) for every
     colour, shape and direction word of the toy's vocabulary at once, softmax over those concepts; each
     object's words pick their own rows."""
 
+    VOCABULARY = data.COLOURS + data.SHAPES + data.DIRECTIONS  # the concepts, in this order
+
     def __init__(self, pipe, prompts, blocks, steps):
         from ..inspection import ConceptRecorder
 
-        self.vocabulary = list(data.COLOURS) + list(data.SHAPES) + list(data.DIRECTIONS)
+        self.vocabulary = list(self.VOCABULARY)
         self.recorder = ConceptRecorder(pipe, self.vocabulary, steps=steps, blocks=blocks)
         self.steps = sorted(steps)
-
-    def __enter__(self):
-        self.recorder.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self.recorder.__exit__(*exc)
 
     def word_maps(self, sample: int, prompt: str) -> torch.Tensor:
         maps = self.recorder.maps(sample=sample, softmax=True)  # (S, K, 1, N concepts, T, h, w)
